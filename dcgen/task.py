@@ -1,0 +1,58 @@
+"""The Task contract (DESIGN.md §3).
+
+A task turns its data into model-space tensors and back. It is the only variation point besides
+the model and the objective; `dcgen` never imports a concrete task, the config names it by
+`_target_` and Hydra builds it.
+
+Shapes: model space is `(C, *grid)` per sample, `grid` of rank 1, 2 or 3 (the spatial shape the
+model sees *before* patching; the model's patch size turns it into its token grid).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+
+class Task:
+    """Base class. Subclasses set `grid`, `channels`, `num_classes` in `__init__`."""
+
+    name: str = "task"
+    grid: tuple[int, ...] = ()
+    channels: int = 0
+    num_classes: int = 0  # 0 = unconditional
+
+    def train_dataset(self) -> Dataset:
+        """A map-style dataset of `(x, y)`: x float32 `(C, *grid)` in model space, y int64 scalar
+        (0 for unconditional tasks)."""
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> data space (identity for pixels and voxels, a VAE for latents)."""
+        return x
+
+    def write_samples(self, data: torch.Tensor, out_dir: str | Path,
+                      labels: torch.Tensor | None = None) -> list[Path]:
+        """Write decoded samples in the modality's native format; return the files written."""
+        raise NotImplementedError
+
+    def evaluate(self, samples: torch.Tensor, out_dir: str | Path, **kwargs: Any) -> dict:
+        """Metrics of decoded samples against the task's reference data."""
+        return {}
+
+    def prepare(self, **kwargs: Any) -> None:
+        """Offline encoding into the cache (no-op for tasks that need none)."""
+        return None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "grid": list(self.grid), "channels": self.channels,
+                "num_classes": self.num_classes}
+
+
+def check_grid(grid: Sequence[int]) -> tuple[int, ...]:
+    grid = tuple(int(g) for g in grid)
+    if not 1 <= len(grid) <= 3 or any(g < 1 for g in grid):
+        raise ValueError(f"grid must have rank 1-3 and positive sides, got {grid}")
+    return grid
