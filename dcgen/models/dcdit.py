@@ -1,0 +1,159 @@
+"""DC-DiT: a DiT backbone on the data-dependent set of tokens a learned router keeps
+(arXiv 2603.06351 v2; METHOD §2).
+
+Shape legend: B batch, C data channels, G token grid (rank n), L = prod(G), D width,
+D_e = encoder/decoder width, M_b kept tokens of sample b, T = sum_b M_b packed tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..chunking import grid as G
+from ..chunking.chunk import ChunkIndex, ChunkLayer, DeChunkLayer, ste
+from ..chunking.router import build_router
+from .attention import PackInfo
+from .dit import DiTBlock, init_conditioning, init_dit_linears
+from .layers import ConvStack, FinalLayer, LabelEmbedder, PatchEmbedND, RMSNorm, TimestepEmbedder, unpatchify
+
+
+@dataclass
+class StageAux:
+    """Per-stage router outputs returned by the forward (nothing is cached on the module)."""
+
+    grid: G.Grid
+    boundary_prob: torch.Tensor  # (B, L) p, fp32
+    boundary_mask: torch.Tensor  # (B, L) kept after tail dropping
+    boundary_mask_natural: torch.Tensor  # (B, L) p > 0.5
+    selected_probs: torch.Tensor  # (B, L) kappa
+    kept_counts: torch.Tensor  # (B,) M_b
+    natural_counts: torch.Tensor  # (B,) |natural boundaries|
+
+
+def default_sigma(grid: G.Grid) -> tuple[float, ...]:
+    """De-chunk width per axis: 1 at side 32, 2 at side 64, max(1, g/32) in general (D9)."""
+    return tuple(max(1.0, g / 32) for g in grid)
+
+
+class DCDiT(nn.Module):
+    """Dynamic Chunking DiT on a grid of rank 1, 2 or 3. `forward` returns (out, [StageAux])."""
+
+    def __init__(self, input_size=(32, 32), in_channels: int = 4, num_classes: int = 1000,
+                 hidden_size: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, patch_size=1, patch_mode: str = "overlap",
+                 encoder_dim: int | None = None, router_dim: int | None = None,
+                 encoder_depth: int = 2, decoder_depth: int = 2, conv_kernel=3,
+                 router: str = "predictability", router_kernel=None, mask_center: bool = False,
+                 dechunk_sigma=None, plug_weights=None, learn_sigma: bool = True,
+                 class_dropout_prob: float = 0.1, norm_groups: int = 32,
+                 attn_backend: str = "auto", pe_coord_scale: float = 1.0,
+                 cond_adaptor: bool = False,
+                 # compatibility with the reference code (METHOD §11); defaults are the clean behaviour
+                 block_adaln_init: str = "zero", residual_proj_init: str = "zero",
+                 residual_autocast: bool = False, attn_qkv_bf16: bool = False,
+                 tail_drop_protect_forced: bool = True):
+        super().__init__()
+        self.config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in locals().items()
+                       if k not in ("self", "__class__")}
+        spatial = G.check_grid(input_size)
+        n = len(spatial)
+        D = hidden_size
+        De = encoder_dim or D // 4
+        self.patch = G.per_axis(patch_size, n, "patch_size")
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.residual_autocast = residual_autocast
+
+        self.x_embedder = PatchEmbedND(in_channels, De, self.patch, mode=patch_mode)
+        self.grid = self.x_embedder.token_grid(spatial)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(num_classes, D, class_dropout_prob) if num_classes > 0 else None
+        # upcycling: new modules read LN(c) through a trainable adaptor (METHOD §9.1)
+        self.cond_adaptor = nn.LayerNorm(D, eps=1e-6) if cond_adaptor else None
+
+        self.encoder = ConvStack([De] * encoder_depth + [D], D, n, conv_kernel, norm_groups)
+        self.residual_proj = nn.Linear(D, D)
+        rk = conv_kernel if router_kernel is None else router_kernel
+        rkw = dict(router_dim=router_dim or D // 4, kernel=rk, mask_center=mask_center) \
+            if router == "predictability" else {}
+        self.router = build_router(router, D, n, **rkw)
+        self.chunk = ChunkLayer(protect_forced=tail_drop_protect_forced)
+        self.register_buffer("pos_embed", G.sincos_pos_embed(self.grid, D, pe_coord_scale),
+                             persistent=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(D, num_heads, mlp_ratio, attn_backend, attn_qkv_bf16) for _ in range(depth))
+        self.backbone_norm = RMSNorm(D)
+        sigma = default_sigma(self.grid) if dechunk_sigma is None else dechunk_sigma
+        self.dechunk = DeChunkLayer(sigma=sigma, plug_weights=plug_weights)
+        self.decoder = ConvStack([D] + [De] * decoder_depth, D, n, conv_kernel, norm_groups)
+        self.final_layer = FinalLayer(De, D, G.numel(self.patch) * self.out_channels)
+        self.initialize_weights(block_adaln_init, residual_proj_init)
+
+    def initialize_weights(self, block_adaln_init: str = "zero", residual_proj_init: str = "zero"):
+        init_dit_linears(self)  # convs keep PyTorch's default init
+        self.x_embedder.reset_parameters()
+        init_conditioning(self.t_embedder, self.y_embedder)
+        if block_adaln_init == "zero":  # adaLN-Zero; [R] keeps Xavier by accident (Q1)
+            for blk in self.blocks:
+                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        elif block_adaln_init != "xavier":
+            raise ValueError(f"block_adaln_init must be 'zero' or 'xavier', got {block_adaln_init!r}")
+        if residual_proj_init == "zero":  # H-Net's intent; [R] overwrites it with Xavier (Q2)
+            nn.init.zeros_(self.residual_proj.weight)
+        elif residual_proj_init != "xavier":
+            raise ValueError(f"residual_proj_init must be 'zero' or 'xavier', got {residual_proj_init!r}")
+        nn.init.zeros_(self.residual_proj.bias)
+        self.final_layer.zero_init()
+
+    def conditioning(self, t, y):
+        c = self.t_embedder(t)  # (B, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training)
+        return c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                tail_drop=0.0):
+        grid = self.grid
+        c = self.conditioning(t, y)  # (B, D)
+        c_new = self.cond_adaptor(c) if self.cond_adaptor is not None else c
+
+        # 1. full-resolution encoder
+        h = self.x_embedder(x)  # (B, L, D_e)
+        e = self.encoder(h, c_new, grid)  # (B, L, D)
+        with torch.autocast(x.device.type, enabled=self.residual_autocast and torch.is_autocast_enabled(x.device.type)):
+            res = self.residual_proj(e if self.residual_autocast else e.float())  # (B, L, D)
+
+        # 2. route and chunk
+        route = self.router(e, grid)  # p, natural mask, kappa: (B, L)
+        z, idx = self.chunk(e, route, grid, tail_drop)  # (T, D)
+        pack = PackInfo.from_chunk_index(idx)
+
+        # 3. backbone on the kept tokens, position embedding at their original coordinates
+        z = z + self.pos_embed[idx.pos_idx].to(z.dtype)  # (T, D)
+        for blk in self.blocks:
+            z = blk(z, c, pack)  # (T, D)
+        z = self.backbone_norm(z)
+
+        # 4. de-chunk, STE-weighted residual merge (fp32), decoder
+        zt = self.dechunk(z, idx, route.boundary_prob)  # (B, L, D) fp32
+        kappa = ste(route.selected_probs)[..., None]  # forward 1, gradient to p
+        if self.residual_autocast:  # [R] Q3: merge in the residual's dtype
+            y_ = (zt.to(res.dtype) * kappa.to(res.dtype) + res).float()
+        else:
+            y_ = zt * kappa + res.float()
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+            else x.dtype
+        h = self.decoder(y_.to(dtype), c_new, grid)  # (B, L, D_e)
+        out = self.final_layer(h, c_new)  # (B, L, prod(P) * 2C)
+        out = unpatchify(out, grid, self.patch, self.out_channels)
+        return out, [self.stage_aux(route, idx)]
+
+    @staticmethod
+    def stage_aux(route, idx: ChunkIndex) -> StageAux:
+        return StageAux(grid=idx.grid, boundary_prob=route.boundary_prob, boundary_mask=idx.kept_mask,
+                        boundary_mask_natural=route.boundary_mask, selected_probs=route.selected_probs,
+                        kept_counts=idx.lengths, natural_counts=route.boundary_mask.sum(1))

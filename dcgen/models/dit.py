@@ -1,0 +1,162 @@
+"""DiT blocks (adaLN-Zero) that run on dense (B, L, D) or packed (T, D) tokens, and the plain DiT
+baseline on any grid rank.
+
+Shape legend: B batch, L tokens per sample, T packed tokens, D width, H heads, d = D / H.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..chunking import grid as G
+from .attention import PackInfo, varlen_attention
+from .layers import FinalLayer, LabelEmbedder, PatchEmbedND, TimestepEmbedder, modulate, unpatchify
+
+# (hidden_size, depth, num_heads) of the DiT family ([DiT] Table 1); DC-DiT uses the same backbones.
+SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto", qkv_bf16: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = backend
+        self.qkv_bf16 = qkv_bf16  # [R] Q4: q/k/v always cast to bf16 before the kernel
+
+    def forward(self, x: torch.Tensor, pack: PackInfo | None = None) -> torch.Tensor:
+        H = self.num_heads
+        qkv = self.qkv(x)
+        if pack is None:  # dense (B, L, D)
+            B, L, D = x.shape
+            q, k, v = qkv.view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, L, d) each
+            dtype = q.dtype
+            if self.qkv_bf16:
+                q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            o = F.scaled_dot_product_attention(q, k, v).to(dtype)
+            o = o.transpose(1, 2).reshape(B, L, D)
+        else:  # packed (T, D)
+            T, D = x.shape
+            q, k, v = qkv.view(T, 3, H, D // H).unbind(1)  # (T, H, d) each
+            dtype = q.dtype
+            if self.qkv_bf16:
+                q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            o = varlen_attention(q, k, v, pack, self.backend).to(dtype).reshape(T, D)
+        return self.proj(o)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """x += gate1 * Attn(modulate(LN(x))); x += gate2 * MLP(modulate(LN(x))).
+
+    The six modulation vectors are computed once per sample from c and, on packed input,
+    expanded to tokens through the token -> sample map (never computed per token)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend="auto",
+                 qkv_bf16: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_backend, qkv_bf16)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pack: PackInfo | None = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c)  # (B, 6D)
+        mod = mod[:, None] if pack is None else mod[pack.batch_idx]  # (B, 1, 6D) or (T, 6D)
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), pack)
+        x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        return x
+
+
+def init_dit_linears(module: nn.Module):
+    """Xavier-uniform weights, zero biases for every Linear not flagged to keep its init."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and not getattr(m, "_dcgen_keep_init", False):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_conditioning(t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder | None):
+    nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
+    if y_embedder is not None:
+        nn.init.normal_(y_embedder.embedding_table.weight, std=0.02)
+
+
+class DiT(nn.Module):
+    """Plain DiT on a grid of rank 1-3 with fixed patchify; returns (out, []) like DC-DiT."""
+
+    def __init__(self, input_size=(32, 32), in_channels: int = 4, num_classes: int = 1000,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
+                 mlp_ratio: float = 4.0, patch_size=2, learn_sigma: bool = True,
+                 class_dropout_prob: float = 0.1, attn_backend: str = "auto",
+                 block_adaln_init: str = "zero"):
+        super().__init__()
+        self.config = dict(
+            input_size=list(input_size), in_channels=in_channels, num_classes=num_classes,
+            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            patch_size=patch_size, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
+            attn_backend=attn_backend, block_adaln_init=block_adaln_init)
+        spatial = G.check_grid(input_size)
+        n = len(spatial)
+        self.patch = G.per_axis(patch_size, n, "patch_size")
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.x_embedder = PatchEmbedND(in_channels, hidden_size, self.patch, mode="dit")
+        self.grid = self.x_embedder.token_grid(spatial)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+                           if num_classes > 0 else None)
+        self.register_buffer("pos_embed", G.sincos_pos_embed(self.grid, hidden_size), persistent=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
+        out = G.numel(self.patch) * self.out_channels
+        self.final_layer = FinalLayer(hidden_size, hidden_size, out)
+        self.initialize_weights(block_adaln_init)
+
+    def initialize_weights(self, block_adaln_init: str = "zero"):
+        init_dit_linears(self)
+        self.x_embedder.reset_parameters()
+        init_conditioning(self.t_embedder, self.y_embedder)
+        if block_adaln_init == "zero":
+            for blk in self.blocks:
+                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        elif block_adaln_init != "xavier":
+            raise ValueError(f"block_adaln_init must be 'zero' or 'xavier', got {block_adaln_init!r}")
+        self.final_layer.zero_init()
+
+    def conditioning(self, t, y):
+        c = self.t_embedder(t)  # (B, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training)
+        return c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                tail_drop=0.0):
+        if (torch.is_tensor(tail_drop) and bool((tail_drop != 0).any())) or \
+                (not torch.is_tensor(tail_drop) and tail_drop != 0):
+            raise ValueError("tail_drop needs a DC-DiT; a DiT has a fixed token count")
+        h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+        c = self.conditioning(t, y)  # (B, D)
+        for blk in self.blocks:
+            h = blk(h, c)  # (B, L, D)
+        h = self.final_layer(h, c)  # (B, L, prod(P) * 2C)
+        return unpatchify(h, self.grid, self.patch, self.out_channels), []

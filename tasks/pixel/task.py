@@ -1,0 +1,145 @@
+"""The pixel task: images in pixel space, x in [-1, 1] with shape (C, R, R).
+
+No codec: the model sees pixels, so `decode` is the identity and nothing needs preparing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dcgen import viz
+from dcgen.task import Task
+
+from .data import (INTERPOLATIONS, ImageFolderDataset, TensorImageDataset, load_digits_tensors,
+                   load_npz_tensors, scan_class_folders)
+
+SOURCES = ("digits", "folder", "npz")
+
+
+class PixelTask(Task):
+    """Pixel-space images from one of three sources.
+
+    source="digits": scikit-learn's bundled 8x8 digits (1797 images, 10 classes, no network),
+        upscaled to `resolution`; gray (C=1) unless `channels=3`.
+    source="folder": `root` is an ImageFolder directory (one sub-folder per class, sorted names
+        -> label ids); RGB unless `channels=1`; centre crop + resize; unreadable files are
+        logged by name and skipped (see `skipped` after `train_dataset()`).
+    source="npz": `root` is an `.npz` with `images` (N, H, W[, C]) and optional `labels`.
+
+    `num_classes`: None infers it from the data; 0 trains unconditionally (labels become 0);
+    otherwise it must cover every label present. `hflip` randomly flips training images.
+    """
+
+    name = "pixel"
+
+    def __init__(self, source: str = "digits", root: str | Path | None = None,
+                 resolution: int = 32, channels: int | None = None,
+                 num_classes: int | None = None, hflip: bool = False,
+                 interpolation: str = "bicubic", max_preview: int = 64):
+        if source not in SOURCES:
+            raise ValueError(f"pixel: source must be one of {list(SOURCES)}, got '{source}'")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"pixel: interpolation must be one of {list(INTERPOLATIONS)}, "
+                             f"got '{interpolation}'")
+        if int(resolution) < 1:
+            raise ValueError(f"pixel: resolution must be positive, got {resolution}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"pixel: channels must be 1 or 3 (or None to infer), got {channels}")
+        if source != "digits" and root is None:
+            raise ValueError(f"pixel: source '{source}' needs `root` (a "
+                             f"{'directory' if source == 'folder' else '.npz file'})")
+        self.source, self.resolution = source, int(resolution)
+        self.root = Path(root).expanduser() if root is not None else None
+        self.hflip, self.interpolation = bool(hflip), interpolation
+        self.max_preview = int(max_preview)
+        self.grid = (self.resolution, self.resolution)
+        self._dataset: Dataset | None = None
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.classes: list[str] = []
+
+        if source == "digits":
+            self.channels = channels or 1
+            self._tensors = load_digits_tensors(self.resolution, self.channels, interpolation)
+            found = 10
+        elif source == "npz":
+            x, y = load_npz_tensors(self.root, self.resolution, channels, interpolation)
+            found = 0 if y is None else int(y.max()) + 1  # no labels: unconditional
+            if y is None:
+                y = torch.zeros(x.shape[0], dtype=torch.int64)
+            self._tensors = (x, y)
+            self.channels = x.shape[1]
+        else:
+            self.channels = channels or 3
+            self.classes = scan_class_folders(self.root)  # missing root fails here, early
+            found = len(self.classes)
+        if num_classes is None:
+            num_classes = found
+        elif num_classes != 0 and num_classes < found:
+            raise ValueError(f"pixel: num_classes={num_classes} but the {source} source has "
+                             f"{found} classes")
+        self.num_classes = int(num_classes)
+
+    # ------------------------------------------------------------------ data
+
+    def train_dataset(self) -> Dataset:
+        """Built once and cached: for folders this is where every file is validated."""
+        if self._dataset is None:
+            if self.source == "folder":
+                ds = ImageFolderDataset(self.root, self.resolution, self.channels, self.hflip,
+                                        self.interpolation, classes=self.classes)
+                if self.num_classes == 0:
+                    ds.samples = [(p, 0) for p, _ in ds.samples]
+            else:
+                x, y = self._tensors
+                if self.num_classes == 0:
+                    y = torch.zeros_like(y)
+                ds = TensorImageDataset(x, y, self.hflip)
+            self._dataset = ds
+        return self._dataset
+
+    @property
+    def skipped(self) -> list[Path]:
+        """Files the folder source could not read (empty before `train_dataset()`)."""
+        return list(getattr(self._dataset, "skipped", []))
+
+    # ------------------------------------------------------------------ outputs
+
+    def write_samples(self, data: torch.Tensor, out_dir: str | Path,
+                      labels: torch.Tensor | None = None) -> list[Path]:
+        """`samples.npy` (float, as given), `samples.png` (a grid of the first `max_preview`)
+        and `images/000000.png ...` (every sample, the folder an FID tool reads); labels, if
+        given, go to `labels.npy`. Values are clamped to [-1, 1] for the PNGs only."""
+        x = viz.as_numpy(data)
+        expect = (self.channels, *self.grid)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expect:
+            raise ValueError(f"pixel write_samples: expected (N, {', '.join(map(str, expect))}),"
+                             f" got {tuple(x.shape)}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / "samples.npy"]
+        np.save(paths[0], x)
+        if labels is not None:
+            paths.append(out / "labels.npy")
+            np.save(paths[-1], np.asarray(viz.as_numpy(labels), dtype=np.int64).reshape(-1))
+        if x.shape[0] == 0:
+            return paths
+        paths.append(viz.save_image_grid(x[: self.max_preview], out / "samples.png"))
+        width = max(6, len(str(x.shape[0] - 1)))
+        for i in range(x.shape[0]):
+            paths.append(viz.save_image(x[i], out / "images" / f"{i:0{width}d}.png"))
+        return paths
+
+    def evaluate(self, samples: torch.Tensor, out_dir: str | Path, **kwargs: Any) -> dict:
+        """Nothing yet: FID/IS for pixel images come from the shared metrics module (a later
+        addition), which reads the `images/` folder written by `write_samples`."""
+        return {}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(source=self.source, root=str(self.root) if self.root else None,
+                 resolution=self.resolution)
+        return d
