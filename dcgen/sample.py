@@ -1,0 +1,187 @@
+"""Sampling: generation with optional CFG / Lite-CFG / elastic tail dropping, recording what the
+router did at every step, and the `dcgen sample` command (METHOD §8).
+
+Shape legend: N samples, B batch, C channels, G grid, L token-grid positions, K model calls.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("dcgen.sample")
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _wrap(model, num_classes: int, cfg_scale: float, cfg_channels: str, tail_drop, tail_drop_uncond):
+    from .diffusion import guided_model
+    if num_classes > 0:
+        return guided_model(model, cfg_scale, null_label=num_classes, cfg_channels=cfg_channels,
+                            tail_drop=tail_drop, tail_drop_uncond=tail_drop_uncond)
+    if cfg_scale != 1.0:
+        raise ValueError("cfg_scale needs a class-conditional model (this one has num_classes=0)")
+    return lambda x, t, y=None, **kw: model(x, t, None, tail_drop=tail_drop)
+
+
+@torch.no_grad()
+def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sampler: str = "ddpm",
+             cfg_scale: float = 1.0, cfg_channels: str = "all", tail_drop: float = 0.0,
+             tail_drop_uncond: float | None = None, labels=None, seed: int = 0, batch_size: int = 64,
+             device=None, record: bool = True, map_samples: int = 4, map_timesteps: int = 8,
+             progress: bool = False, flop_fn=None) -> dict:
+    """Sample `num_samples` in model space. With `record`, also collect per model call the kept
+    fraction of every (conditional) sample, the mean p, and for the first `map_samples` samples
+    the boundary-probability maps and x_t at `map_timesteps` evenly spaced calls.
+
+    Returns dict: samples (N, C, *G) cpu, labels (N,) or None, and with `record`: ts (K,),
+    kept (N, K), mean_p (N, K), maps {call index: (probs (S, L), x_t (S, C, *G))}, grid,
+    step_flops (N, K) if `flop_fn` is given (MACs per sample per call), seconds.
+    """
+    device = device or next(model.parameters()).device
+    model.eval()
+    nc = task.num_classes
+    gen = torch.Generator().manual_seed(seed)
+    if labels is None and nc > 0:
+        labels = torch.randint(0, nc, (num_samples,), generator=gen)
+    elif labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.numel() != num_samples:
+            labels = labels.repeat(math.ceil(num_samples / labels.numel()))[:num_samples]
+        if nc and (labels.min() < 0 or labels.max() >= nc):
+            raise ValueError(f"labels must lie in [0, {nc}), got {labels.tolist()}")
+    net = _wrap(model, nc, cfg_scale, cfg_channels, tail_drop, tail_drop_uncond)
+    shape_one = (task.channels, *task.grid)
+    outs, rec = [], {"ts": None, "kept": [], "mean_p": [], "maps": {}, "step_flops": []}
+    map_calls = None
+    t0 = time.time()
+    for start in range(0, num_samples, batch_size):
+        B = min(batch_size, num_samples - start)
+        y = labels[start:start + B].to(device) if labels is not None else None
+        noise = torch.randn(B, *shape_one, generator=gen).to(device)
+        ts, kept, mean_p, flops = [], [], [], []
+
+        def callback(i, t_orig, x_t, out, aux):
+            if not record:
+                return
+            ts.append(float(t_orig if not torch.is_tensor(t_orig) else t_orig.flatten()[0]))
+            if aux:
+                s = aux[0]
+                L = s.boundary_prob.shape[1]
+                kept.append((s.kept_counts[:B].double() / L).cpu())
+                mean_p.append(s.boundary_prob[:B].float().mean(1).cpu())
+                if flop_fn is not None:
+                    flops.append(flop_fn(s.kept_counts))  # every branch's samples
+                lo = max(0, min(map_samples, B - 0)) if start == 0 else 0
+                if lo and map_calls is not None and i in map_calls:
+                    rec["maps"][i] = (s.boundary_prob[:lo].float().cpu(), x_t[:lo].float().cpu(),
+                                      float(ts[-1]))
+            else:
+                kept.append(torch.ones(B, dtype=torch.float64))
+                mean_p.append(torch.ones(B))
+
+        if record and map_calls is None:
+            n_calls = steps if sampler in ("ddpm", "ddim", "euler") else 2 * steps - 1
+            map_calls = set(np.linspace(0, max(n_calls - 1, 0), map_timesteps).round().astype(int).tolist())
+        x = objective.sample(net, (B, *shape_one), y=y, steps=steps, method=sampler, noise=noise,
+                             generator=gen, callback=callback, progress=progress, device=device)
+        outs.append(x.float().cpu())
+        if record:
+            rec["ts"] = ts
+            rec["kept"].append(torch.stack(kept, 1) if kept else torch.zeros(B, 0))
+            rec["mean_p"].append(torch.stack(mean_p, 1) if mean_p else torch.zeros(B, 0))
+            if flops:
+                rec["step_flops"].append(torch.stack([torch.as_tensor(f, dtype=torch.float64) for f in flops], 1))
+    result = {"samples": torch.cat(outs), "labels": labels, "seconds": time.time() - t0,
+              "grid": getattr(model, "grid", tuple(task.grid))}
+    if record:
+        result.update(ts=rec["ts"], kept=torch.cat(rec["kept"]), mean_p=torch.cat(rec["mean_p"]),
+                      maps=rec["maps"])
+        if rec["step_flops"]:
+            result["step_flops"] = torch.cat(rec["step_flops"])
+    return result
+
+
+def write_boundary_outputs(result: dict, task, out_dir: Path) -> list[Path]:
+    """Boundary maps across timesteps (one figure per mapped sample), the kept-fraction-vs-t plot
+    and the statistics JSON."""
+    from . import viz
+    out_dir = Path(out_dir)
+    written = []
+    if result.get("maps"):
+        calls = sorted(result["maps"])
+        n_maps = result["maps"][calls[0]][0].shape[0]
+        grid = tuple(result["grid"])
+        kept_all = result["kept"]
+        for s in range(n_maps):
+            probs = [result["maps"][c][0][s].numpy() for c in calls]
+            frames = [task.decode(result["maps"][c][1][s:s + 1])[0].numpy() for c in calls]
+            ts = [result["maps"][c][2] for c in calls]
+            kf = [float(kept_all[s, c]) for c in calls]
+            written.append(viz.boundary_map_figure(frames, probs, grid, out_dir / f"boundary_map_{s:02d}.png",
+                                                   ts=ts, kept_fraction=kf))
+    stats = {}
+    if result.get("ts"):
+        kept = result["kept"].numpy()  # (N, K)
+        ts = result["ts"]
+        written.append(viz.kept_fraction_plot(ts, kept.mean(0), out_dir / "kept_fraction_vs_t.png",
+                                              per_sample=kept))
+        L = int(np.prod(result["grid"]))
+        stats = {"timesteps": ts, "kept_fraction_mean": kept.mean(0).tolist(),
+                 "kept_fraction_std": kept.std(0).tolist(),
+                 "mean_p": result["mean_p"].numpy().mean(0).tolist(),
+                 "compression_mean": (1.0 / np.clip(kept, 1.0 / L, None)).mean(0).tolist(),
+                 "kept_fraction_overall": float(kept.mean()), "tokens_per_sample_grid": L}
+    stats.update({"num_samples": int(result["samples"].shape[0]), "seconds": result["seconds"],
+                  "seconds_per_sample": result["seconds"] / max(1, result["samples"].shape[0])})
+    written.append(viz.write_stats_json(stats, out_dir / "stats.json"))
+    return written
+
+
+def load_run(run_dir, device) -> tuple:
+    """(model, objective, task, export config) of a run dir or an exported checkpoint dir."""
+    from hydra.utils import instantiate
+
+    from .io import load_model, read_export_config
+    model = load_model(run_dir, device=device)
+    ecfg = read_export_config(run_dir)
+    if "task" not in ecfg:
+        raise ValueError(f"{run_dir}: the export has no task config; sample it from Python with "
+                         "dcgen.sample.generate(model, objective, task)")
+    task = instantiate(OmegaConf.create(ecfg["task"]), _convert_="all")
+    obj_cfg = ecfg.get("objective") or {"_target_": "dcgen.diffusion.GaussianDiffusion"}
+    objective = instantiate(OmegaConf.create(obj_cfg), _convert_="all")
+    return model, objective, task, ecfg
+
+
+def sample_command(cfg: DictConfig) -> Path:
+    """`dcgen sample run_dir=... [num_samples steps sampler cfg_scale tail_drop seed ...]`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = pick_device(cfg.device)
+    model, objective, task, ecfg = load_run(cfg.run_dir, device)
+    cfg_channels = cfg.cfg_channels or ecfg.get("sample", {}).get("cfg_channels", "all")
+    out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "samples" / time.strftime("%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = generate(model, objective, task, num_samples=cfg.num_samples, steps=cfg.steps,
+                      sampler=cfg.sampler, cfg_scale=cfg.cfg_scale, cfg_channels=cfg_channels,
+                      tail_drop=cfg.tail_drop, tail_drop_uncond=cfg.tail_drop_uncond,
+                      labels=cfg.labels, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                      record=True, map_samples=cfg.boundary_maps, map_timesteps=cfg.map_timesteps,
+                      progress=True)
+    data = task.decode(result["samples"].to(device)).cpu()
+    files = task.write_samples(data, out_dir, labels=result["labels"])
+    np.save(out_dir / "samples_model_space.npy", result["samples"].numpy())
+    files += write_boundary_outputs(result, task, out_dir)
+    OmegaConf.save(cfg, out_dir / "sample_config.yaml")
+    log.info("wrote %d files to %s", len(files), out_dir)
+    print(out_dir)
+    return out_dir
