@@ -168,8 +168,17 @@ def train(cfg: DictConfig, return_model: bool = False):
     p_drop = float(tc.label_dropout) if task.num_classes > 0 else 0.0
     if model.y_embedder is not None:
         model.y_embedder.dropout_prob = 0.0  # the loop draws label dropout (rank-invariant)
+    teacher, distill_steps = None, 0
+    init = cfg.get("init") or {}
+    if init.get("from_dit"):  # upcycling a pretrained DiT (METHOD §9.1)
+        from .upcycle import init_from_dit, load_dit_teacher
+        teacher = load_dit_teacher(init.from_dit, device=accelerator.device)
+        report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
+        distill_steps = int(init.get("distill_steps", 0))
+        if is_main:
+            log.info("upcycled from %s: %s", init.from_dit, report)
     ema = EMA(model, tc.ema_decay)
-    optimizer = instantiate(cfg.optim)(params=model.parameters())
+    optimizer = instantiate(cfg.optim)(params=[p for p in model.parameters() if p.requires_grad])
     n_params = sum(p.numel() for p in model.parameters())
 
     # 4. Resume -------------------------------------------------------------------------------------
@@ -223,7 +232,12 @@ def train(cfg: DictConfig, return_model: bool = False):
             else:
                 y = None
             with accelerator.accumulate(model), accelerator.autocast():
-                terms, aux = objective.training_losses(model, x, y, t=t, noise=noise, tail_drop=rho)
+                if teacher is not None and step < distill_steps:  # distillation warm-up
+                    from .upcycle import distill_terms
+                    terms, aux = distill_terms(objective, model, teacher, x, y, t=t, noise=noise,
+                                               tail_drop=rho)
+                else:
+                    terms, aux = objective.training_losses(model, x, y, t=t, noise=noise, tail_drop=rho)
                 loss_diff = terms["loss"].mean()
                 loss = loss_diff
                 if is_dc:
