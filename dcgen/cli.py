@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 COMMANDS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "prepare": "prepare"}
-GROUPS = ("task", "model", "objective", "optim", "experiment")
+GROUPS = ("task", "model", "objective", "optim", "experiment", "compat")
 
 USAGE = """usage: dcgen {train,sample,evaluate,prepare} [key=value ...]
 
