@@ -137,7 +137,9 @@ def run(command: str, overrides: list[str]):
         from .evaluate import evaluate_command
         return evaluate_command(cfg)
     if command == "prepare":
+        import logging
         from hydra.utils import instantiate
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         task = instantiate(cfg.task, _convert_="all")
         return task.prepare(seed=cfg.seed)
 
