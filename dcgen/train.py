@@ -134,8 +134,11 @@ def train(cfg: DictConfig, return_model: bool = False):
     tc, dc = cfg.train, cfg.dc
 
     # 1. Processes, run directory, frozen config ---------------------------------------------
+    # cpu=True on CPU-only machines: without it Accelerate ignores torchrun's env and each
+    # process would train alone; with it, gloo runs the processes as one job
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
-                              gradient_accumulation_steps=tc.grad_accum_steps)
+                              gradient_accumulation_steps=tc.grad_accum_steps,
+                              cpu=not torch.cuda.is_available())
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     G_batch, A = int(tc.global_batch_size), int(tc.grad_accum_steps)
     if G_batch % (world * A):
@@ -196,8 +199,10 @@ def train(cfg: DictConfig, return_model: bool = False):
 
     sampler = StepBatchSampler(len(dataset), G_batch, world, rank, A, cfg.seed, start_step,
                                tc.max_steps)
+    # a private generator: creating the iterator must not consume the (restored) global RNG
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
-                                         pin_memory=accelerator.device.type == "cuda")
+                                         pin_memory=accelerator.device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
     writer = None
     if is_main:

@@ -120,8 +120,12 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = load_file(two / "rank0.safetensors"), load_file(two / "rank1.safetensors")
     single = load_file(one / "rank0.safetensors")
+    import json
+    state = json.loads((latest_checkpoint(tmp_path / "run2") / "state.json").read_text())
+    assert state["world"] == 2, "the torchrun job did not run as one 2-process job"
     assert_identical(r0, r1)  # identical parameters on both ranks
     worst = max((r0[k] - single[k]).abs().max().item() for k in r0)
+    print(f"2-process vs 1-process worst abs param diff: {worst:.3e}")
     assert worst <= 1e-6, worst
 
 
