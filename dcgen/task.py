@@ -35,11 +35,15 @@ class Task:
 
     def write_samples(self, data: torch.Tensor, out_dir: str | Path,
                       labels: torch.Tensor | None = None) -> list[Path]:
-        """Write decoded samples in the modality's native format; return the files written."""
+        """Write decoded samples in the modality's native format; return the files written.
+
+        Tasks may accept `start_index=` so several processes can write numbered files into one
+        folder (the streamed `dcgen evaluate` uses it when present)."""
         raise NotImplementedError
 
     def evaluate(self, samples: torch.Tensor, out_dir: str | Path, **kwargs: Any) -> dict:
-        """Metrics of decoded samples against the task's reference data."""
+        """Metrics of decoded samples against the task's reference data. `samples=None` means
+        "read what `write_samples` wrote into `out_dir`"."""
         return {}
 
     def prepare(self, **kwargs: Any) -> None:

@@ -59,8 +59,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
     splits them into `accum` micro-batches. Resuming at a step needs no replay."""
 
     def __init__(self, n: int, global_batch: int, world: int, rank: int, accum: int, seed: int,
-                 start_step: int, max_steps: int):
+                 start_step: int, max_steps: int, with_epoch: bool = False):
         self.n, self.G, self.W, self.r, self.A = n, global_batch, world, rank, accum
+        self.with_epoch = with_epoch  # yield (index, epoch) for datasets that re-draw per epoch
         self.seed, self.start, self.stop = seed, start_step, max_steps
         self.local = global_batch // world
         self.micro = self.local // accum
@@ -71,7 +72,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        return int(self._perm[i])
+        return (int(self._perm[i]), epoch) if self.with_epoch else int(self._perm[i])
 
     def positions(self, step: int, micro: int) -> range:
         base = step * self.G + self.r * self.local + micro * self.micro
@@ -175,7 +176,8 @@ def train(cfg: DictConfig, return_model: bool = False):
     init = cfg.get("init") or {}
     if init.get("from_dit"):  # upcycling a pretrained DiT (METHOD §9.1)
         from .upcycle import init_from_dit, load_dit_teacher
-        teacher = load_dit_teacher(init.from_dit, device=accelerator.device)
+        teacher = load_dit_teacher(init.from_dit, device=accelerator.device,
+                                   num_heads=model.config["num_heads"])
         report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
         distill_steps = int(init.get("distill_steps", 0))
         if is_main:
@@ -198,7 +200,7 @@ def train(cfg: DictConfig, return_model: bool = False):
     raw = accelerator.unwrap_model(model)
 
     sampler = StepBatchSampler(len(dataset), G_batch, world, rank, A, cfg.seed, start_step,
-                               tc.max_steps)
+                               tc.max_steps, with_epoch=getattr(dataset, "wants_epoch", False))
     # a private generator: creating the iterator must not consume the (restored) global RNG
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
                                          pin_memory=accelerator.device.type == "cuda",
@@ -237,7 +239,9 @@ def train(cfg: DictConfig, return_model: bool = False):
             else:
                 y = None
             with accelerator.accumulate(model), accelerator.autocast():
-                if teacher is not None and step < distill_steps:  # distillation warm-up
+                if teacher is not None and step >= distill_steps:
+                    teacher = None  # distillation over: free the teacher's memory
+                if teacher is not None:  # distillation warm-up
                     from .upcycle import distill_terms
                     terms, aux = distill_terms(objective, model, teacher, x, y, t=t, noise=noise,
                                                tail_drop=rho)

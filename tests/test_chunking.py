@@ -318,3 +318,15 @@ def test_sincos_nd_widths():
     assert t_block.shape[1] == 344
     with pytest.raises(ValueError):
         G.sincos_pos_embed((4, 4), 63)
+
+
+def test_dechunk_without_smoothing_plugs_back_raw_outputs():
+    grid = (8, 11)
+    mask, idx, z, p = _dechunk_case(grid, 0.2, 1.0, seed=4)
+    out = DeChunkLayer(smoothing=False)(z, idx, p)
+    src = dense_plug_back(mask, grid)
+    for b in range(2):
+        kept = torch.nonzero(mask[b]).squeeze(1).tolist()
+        s = idx.cu_seqlens[b].item()
+        for l in range(G.numel(grid)):
+            assert torch.equal(out[b, l], z[s + kept.index(src[b, l].item())])

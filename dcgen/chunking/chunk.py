@@ -120,10 +120,11 @@ class DeChunkLayer(nn.Module):
     Runs in fp32 with autocast off.
     """
 
-    def __init__(self, sigma=1.0, plug_weights=None):
+    def __init__(self, sigma=1.0, plug_weights=None, smoothing: bool = True):
         super().__init__()
         self.sigma = sigma
         self.plug_weights = plug_weights
+        self.smoothing = smoothing  # False: the "no de-chunk smoothing" ablation ([P2] Table 3)
 
     def forward(self, z: torch.Tensor, idx: ChunkIndex, boundary_prob: torch.Tensor) -> torch.Tensor:
         grid = idx.grid
@@ -132,6 +133,8 @@ class DeChunkLayer(nn.Module):
         sigmas = G.per_axis(self.sigma, len(grid), "dechunk sigma")
         with torch.autocast(z.device.type, enabled=False):
             z = z.float()
+            if not self.smoothing:  # plug back the raw backbone outputs
+                return z[plug_back_rows(idx, self.plug_weights)].view(B, L, D)
             p_hat = boundary_prob.float().clamp(1e-4, 1 - 1e-4).reshape(-1)[idx.flat_idx]  # (T,)
             src = torch.cat([z * p_hat[:, None], p_hat[:, None]], dim=1)  # (T, D+1): [p h | p]
             canvas = z.new_zeros(B * L, D + 1).index_copy(0, idx.flat_idx, src)

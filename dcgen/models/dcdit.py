@@ -46,7 +46,8 @@ class DCDiT(nn.Module):
                  encoder_dim: int | None = None, router_dim: int | None = None,
                  encoder_depth: int = 2, decoder_depth: int = 2, conv_kernel=3,
                  router: str = "predictability", router_kernel=None, mask_center: bool = False,
-                 dechunk_sigma=None, plug_weights=None, learn_sigma: bool = True,
+                 dechunk_sigma=None, plug_weights=None, dechunk_smoothing: bool = True,
+                 learn_sigma: bool = True,
                  class_dropout_prob: float = 0.1, norm_groups: int = 32,
                  attn_backend: str = "auto", pe_coord_scale: float = 1.0,
                  cond_adaptor: bool = False,
@@ -87,7 +88,7 @@ class DCDiT(nn.Module):
             DiTBlock(D, num_heads, mlp_ratio, attn_backend, attn_qkv_bf16) for _ in range(depth))
         self.backbone_norm = RMSNorm(D)
         sigma = default_sigma(self.grid) if dechunk_sigma is None else dechunk_sigma
-        self.dechunk = DeChunkLayer(sigma=sigma, plug_weights=plug_weights)
+        self.dechunk = DeChunkLayer(sigma=sigma, plug_weights=plug_weights, smoothing=dechunk_smoothing)
         self.decoder = ConvStack([D] + [De] * decoder_depth, D, n, conv_kernel, norm_groups)
         self.final_layer = FinalLayer(De, D, G.numel(self.patch) * self.out_channels)
         self.initialize_weights(block_adaln_init, residual_proj_init)

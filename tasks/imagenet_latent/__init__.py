@@ -1,0 +1,5 @@
+"""Class-conditional ImageNet in SD-VAE latent space (the paper setup)."""
+from .data import LatentCache, LatentDataset
+from .task import ImageNetLatentTask
+
+__all__ = ["ImageNetLatentTask", "LatentCache", "LatentDataset"]

@@ -1,0 +1,162 @@
+"""Class-conditional ImageNet in SD-VAE latent space: the paper setup (METHOD §1, §7.1, §8).
+
+Model space: x = 0.18215 · z, z a VAE posterior sample of shape (C, R/8, R/8) (4×32×32 at
+256 px, 4×64×64 at 512 px). `prepare` encodes the images once into a sharded cache; training reads
+the cache only; `decode` runs the VAE decoder for sampling; `evaluate` writes the ADM `.npz` and
+scores FID/IS/KID/precision-recall with dcgen.metrics.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dcgen import viz
+from dcgen.codec import DEFAULT_VAE, SD_SCALE
+from dcgen.task import Task
+
+from .data import LATENT_SAMPLING, LatentCache, LatentDataset, read_manifest
+
+log = logging.getLogger("dcgen.imagenet_latent")
+
+_DATA_KEYS = {"latent_sampling": "fixed", "hflip": True, "seed": 0}
+_SOURCE_KEYS = {"image_dir": None, "file_list": None}
+_ENCODE_KEYS = {"batch_size": 32, "shard_size": 5000, "num_workers": 4, "vae_dtype": "float32",
+                "cache_dtype": "float32", "progress": True}
+
+
+def _options(given: dict | None, defaults: dict, node: str) -> dict:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown config key 'task.{node}.{unknown[0]}' (valid keys under "
+                         f"'task.{node}': {', '.join(sorted(defaults))})")
+    return {**defaults, **given}
+
+
+class ImageNetLatentTask(Task):
+    """ImageNet (or any ImageNet-layout image set) as VAE latents.
+
+    cache_dir        where `dcgen prepare` writes the latent cache and training reads it
+    resolution       ADM centre-crop size in pixels (256 or 512); grid = resolution / 8
+    num_classes      label table size (1000 for ImageNet); None reads it from the cache
+    vae              diffusers AutoencoderKL: hub id or local directory (save_pretrained)
+    latent_scale     0.18215 (SD-VAE)
+    data             latent_sampling "fixed" ([R]'s baked flip + sample, Q15/D29) or "resample"
+                     (fresh posterior sample and flip per draw); hflip; seed of the draws
+    source           image_dir (one sub-folder per class) or file_list, for `prepare`
+    encode           prepare settings: batch_size, shard_size, num_workers, vae_dtype, cache_dtype
+    """
+
+    name = "imagenet_latent"
+
+    def __init__(self, cache_dir: str | Path, resolution: int = 256, num_classes: int | None = 1000,
+                 vae: str | Path = DEFAULT_VAE, latent_scale: float = SD_SCALE,
+                 latent_channels: int = 4, vae_downsample: int = 8, data: dict | None = None,
+                 source: dict | None = None, encode: dict | None = None, max_preview: int = 64):
+        if cache_dir is None:
+            raise ValueError("task.cache_dir is required (where the latent cache lives)")
+        self.resolution, self.downsample = int(resolution), int(vae_downsample)
+        if self.resolution < 1 or self.resolution % self.downsample:
+            raise ValueError(f"task.resolution={resolution} must be a positive multiple of "
+                             f"task.vae_downsample={vae_downsample}")
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.vae, self.latent_scale = str(vae), float(latent_scale)
+        self.data = _options(data, _DATA_KEYS, "data")
+        if self.data["latent_sampling"] not in LATENT_SAMPLING:
+            raise ValueError(f"task.data.latent_sampling must be one of {list(LATENT_SAMPLING)}, "
+                             f"got {self.data['latent_sampling']!r}")
+        self.source = _options(source, _SOURCE_KEYS, "source")
+        self.encode = _options(encode, _ENCODE_KEYS, "encode")
+        self.max_preview = int(max_preview)
+        side = self.resolution // self.downsample
+        self.grid = (side, side)
+        self.channels = int(latent_channels)
+        if num_classes is None:  # from an existing cache
+            num_classes = len(read_manifest(self.cache_dir)["classes"])
+        self.num_classes = int(num_classes)
+        self._dataset = None
+        self._codec = None
+
+    # ------------------------------------------------------------------ prepare / data
+
+    def prepare(self, seed: int = 0, **kwargs: Any):
+        """Encode `source` into `cache_dir` (every process of the launch takes its shards)."""
+        from .prepare import prepare_cache
+        return prepare_cache(self.cache_dir, self.source["image_dir"], self.source["file_list"],
+                             resolution=self.resolution, vae=self.vae, num_classes=self.num_classes,
+                             seed=seed, expect_latent_channels=self.channels, **self.encode)
+
+    def train_dataset(self) -> LatentDataset:
+        if self._dataset is None:
+            cache = LatentCache(self.cache_dir)
+            m = cache.manifest
+            side = self.resolution // self.downsample
+            if m["resolution"] != self.resolution or m["latent_size"] != side \
+                    or m["latent_channels"] != self.channels:
+                raise ValueError(f"{self.cache_dir}: cache holds {m['latent_channels']}x{m['latent_size']}"
+                                 f"x{m['latent_size']} latents of {m['resolution']} px images, but the "
+                                 f"task expects {self.channels}x{side}x{side} at task.resolution="
+                                 f"{self.resolution}")
+            if len(cache) and self.num_classes > 0 and int(cache.labels.max()) >= self.num_classes:
+                raise ValueError(f"{self.cache_dir}: labels go up to {int(cache.labels.max())} but "
+                                 f"task.num_classes={self.num_classes}")
+            d = self.data
+            self._dataset = LatentDataset(cache, self.latent_scale, d["latent_sampling"], d["hflip"],
+                                          d["seed"])
+        return self._dataset
+
+    # ------------------------------------------------------------------ decode / outputs
+
+    def codec(self, device=None):
+        """The VAE, built on first use and moved to `device`."""
+        from dcgen.codec import VAECodec
+        device = torch.device(device or "cpu")
+        if self._codec is None:
+            self._codec = VAECodec(self.vae, scale=self.latent_scale, device=device)
+        elif self._codec.device != device:
+            self._codec.vae.to(device)
+            self._codec.device = device
+        return self._codec
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) model-space latents -> (N, 3, H, W) images in [-1, 1] (not clamped), CPU."""
+        return self.codec(x.device).decode(x)
+
+    def write_samples(self, data: torch.Tensor, out_dir: str | Path,
+                      labels: torch.Tensor | None = None, start_index: int = 0) -> list[Path]:
+        """`images/NNNNNN.png` for every sample, numbered from `start_index` (so several
+        processes can write disjoint parts of one evaluation), and with start_index 0 a preview
+        grid `samples.png` of the first `max_preview` and `labels.npy` of these samples.
+        PNG values are clamp(127.5·x + 128, 0, 255) truncated (the FID protocol)."""
+        x = viz.as_numpy(data)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"imagenet_latent write_samples: expected decoded images (N, 3, H, W), "
+                             f"got {tuple(x.shape)}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(x.shape[0]):
+            paths.append(viz.save_image(x[i], out / "images" / f"{start_index + i:06d}.png"))
+        if start_index == 0 and x.shape[0]:
+            paths.append(viz.save_image_grid(x[: self.max_preview], out / "samples.png"))
+            if labels is not None:
+                paths.append(out / "labels.npy")
+                np.save(paths[-1], np.asarray(viz.as_numpy(labels), dtype=np.int64).reshape(-1))
+        return paths
+
+    def evaluate(self, samples: torch.Tensor | None, out_dir: str | Path, **kwargs: Any) -> dict:
+        """FID/IS/KID/precision-recall of decoded samples (or, with samples=None, of the PNGs in
+        `out_dir/images`) against `reference` (a folder of real images or an ADM reference
+        batch), plus the ADM `.npz`; see dcgen.metrics.evaluate_images for the options."""
+        from dcgen.metrics import evaluate_images
+        return evaluate_images(samples, out_dir, **kwargs)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(resolution=self.resolution, cache_dir=str(self.cache_dir), vae=self.vae,
+                 latent_sampling=self.data["latent_sampling"])
+        return d

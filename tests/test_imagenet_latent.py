@@ -1,0 +1,391 @@
+"""The paper setup end to end on a tiny scale: an ImageNet-layout folder (3 classes, one corrupt
+file), a random tiny AutoencoderKL and a random Inception saved locally (no download).
+2-process prepare (gloo) -> train -> sample -> 2-process evaluate (FID/IS/KID/PR, ADM .npz,
+FLOPs, tokens, latency, memory); elastic inference; every experiment config."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgen.cli import compose, run
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+RES = 64  # 8x8 latents
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("DCGEN_DEBUG", None)
+    p = subprocess.run([PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        f"--master_port={_free_port()}", "-m", "dcgen", *args],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Images (3 classes x 4, mixed sizes and formats, plus one corrupt file), a tiny VAE and a
+    random Inception, all written by the test."""
+    from dcgen.codec import tiny_autoencoder_kl
+    from dcgen.metrics import save_random_inception_weights
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        d = root / "train" / f"n0{c}"
+        d.mkdir(parents=True)
+        for i in range(4):
+            h, w = rng.integers(56, 150, 2)
+            a = np.clip(rng.normal(60 + 60 * c, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(d / f"img{i}.{'png' if i % 2 else 'JPEG'}")
+    (root / "train" / "n01" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    tiny_autoencoder_kl(seed=0).save_pretrained(root / "vae")
+    save_random_inception_weights(root / "inception.pt")
+    task = ["task=imagenet_latent", f"task.cache_dir={root / 'cache'}", f"task.resolution={RES}",
+            "task.num_classes=3", f"task.vae={root / 'vae'}"]
+    prep = [*task, f"task.source.image_dir={root / 'train'}", "task.encode.shard_size=3",
+            "task.encode.batch_size=2", "task.encode.num_workers=0", "task.encode.progress=false"]
+    return {"root": root, "task": task, "prepare": prep}
+
+
+@pytest.fixture(scope="module")
+def prepared(ws):
+    p = torchrun(["prepare", *ws["prepare"], "seed=3"])
+    return {**ws, "stderr": p.stderr}
+
+
+def _shard(cache, s):
+    d = cache / f"shard_{s:05d}"
+    return {f: np.load(d / f"{f}.npy") for f in ("mean", "logvar", "latent", "flip", "label", "index")}
+
+
+def test_prepare_two_processes_writes_disjoint_shards_and_resumes(prepared):
+    cache = prepared["root"] / "cache"
+    items = [line.split("\t") for line in (cache / "items.tsv").read_text().splitlines()]
+    assert len(items) == 13  # sorted listing, the corrupt file included
+    bad = next(i for i, (_, f) in enumerate(items) if f.endswith("broken.JPEG"))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["num_shards"] == 5 and manifest["latent_size"] == RES // 8 and manifest["seed"] == 3
+    seen = []
+    for s in range(5):
+        meta = json.loads((cache / f"shard_{s:05d}" / "meta.json").read_text())
+        assert meta["rank"] == s % 2  # shard s belongs to rank s mod world
+        arr = _shard(cache, s)
+        assert arr["mean"].shape == (meta["count"], 2, 4, 8, 8) and arr["latent"].shape == (meta["count"], 4, 8, 8)
+        assert all(s * 3 <= i < (s + 1) * 3 for i in arr["index"])
+        assert [int(items[i][0]) for i in arr["index"]] == arr["label"].tolist()
+        seen += arr["index"].tolist()
+    # every valid image exactly once, the corrupt one nowhere
+    assert sorted(seen) == [i for i in range(13) if i != bad] and len(set(seen)) == 12
+    summary = json.loads((cache / "summary.json").read_text())
+    assert summary["num_encoded"] == 12 and summary["num_skipped"] == 1
+    assert summary["skipped"][0]["file"].endswith("broken.JPEG")
+    assert "broken.JPEG" in prepared["stderr"] and "1 corrupt image(s) skipped" in prepared["stderr"]
+    # the baked latent is one posterior sample of the recorded flip
+    arr = _shard(cache, 0)
+    std = np.exp(0.5 * arr["logvar"][0, arr["flip"][0]])
+    assert np.abs(arr["latent"][0] - arr["mean"][0, arr["flip"][0]]).max() < 6 * std.max() + 1e-6
+
+    # resume after an interruption: shard 1 (written by rank 1) missing, a stale temp dir left;
+    # one process re-encodes exactly that shard: same images, flips and labels; the same moments
+    # up to float summation order (the torchrun processes ran with one thread each)
+    before = _shard(cache, 1)
+    mtime0 = (cache / "shard_00000" / "meta.json").stat().st_mtime_ns
+    shutil.rmtree(cache / "shard_00001")
+    (cache / ".shard_00001.tmp-dead").mkdir()
+    run("prepare", [*prepared["prepare"], "seed=3"])
+    after = _shard(cache, 1)
+    for k in before:
+        if before[k].dtype.kind == "f":
+            assert np.allclose(before[k], after[k], atol=1e-5, rtol=1e-5), k
+        else:
+            assert np.array_equal(before[k], after[k]), k
+    assert json.loads((cache / "shard_00001" / "meta.json").read_text())["rank"] == 0
+    assert (cache / "shard_00000" / "meta.json").stat().st_mtime_ns == mtime0
+    assert not list(cache.glob(".shard_*"))
+    # resuming with other settings is refused, naming the setting
+    with pytest.raises(ValueError, match="different 'seed'"):
+        run("prepare", [*prepared["prepare"], "seed=4"])
+
+
+def test_dataset_fixed_and_resample_draws(prepared):
+    from hydra.utils import instantiate
+
+    from dcgen.tasks.imagenet_latent.data import item_generator
+    cache = prepared["root"] / "cache"
+    task = instantiate(compose("train", prepared["task"]).task, _convert_="all")
+    fixed = task.train_dataset()
+    assert len(fixed) == 12 and task.grid == (8, 8) and task.channels == 4
+    rows = [_shard(cache, s) for s in range(5)]
+    latent = np.concatenate([r["latent"] for r in rows])
+    x, y = fixed[5]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(latent[5]) * 0.18215)
+    assert torch.equal(fixed[(5, 7)][0], x)  # fixed: the same every epoch
+
+    res = instantiate(compose("train", [*prepared["task"], "task.data.latent_sampling=resample",
+                                        "seed=11"]).task, _convert_="all").train_dataset()
+    a, b = res[(4, 0)][0], res[(4, 0)][0]
+    assert torch.equal(a, b) and torch.equal(res[4][0], a)  # a function of (seed, item, epoch)
+    draws = torch.stack([res[(4, e)][0] for e in range(12)])
+    assert len({tuple(d.flatten()[:4].tolist()) for d in draws}) == 12  # fresh every epoch
+    # exactly the posterior sample of the flip drawn from (seed, item, epoch)
+    mean = np.concatenate([r["mean"] for r in rows])[4]
+    logvar = np.concatenate([r["logvar"] for r in rows])[4]
+    item = int(np.concatenate([r["index"] for r in rows])[4])
+    flips = set()
+    for e in range(12):
+        g = item_generator(11, "train", item, e)
+        f = int(torch.randint(2, (), generator=g))
+        flips.add(f)
+        want = (torch.from_numpy(mean[f]) + torch.exp(0.5 * torch.from_numpy(logvar[f]))
+                * torch.randn((4, 8, 8), generator=g)) * 0.18215
+        assert torch.allclose(draws[e], want, atol=1e-6)
+    assert flips == {0, 1}
+    loader = torch.utils.data.DataLoader(res, batch_size=4, num_workers=0)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (4, 4, 8, 8) and yb.tolist() == [int(res[i][1]) for i in range(4)]
+
+
+def test_prepare_from_a_file_list(ws, tmp_path):
+    root = ws["root"]
+    lst = tmp_path / "train.txt"
+    lst.write_text("n02/img1.png\tn02\nn00/img0.JPEG\tn00\nn01/broken.JPEG\tn01\n")
+    cache = tmp_path / "cache"
+    summary = run("prepare", [*ws["task"], f"task.cache_dir={cache}", f"task.source.image_dir={root / 'train'}",
+                              f"task.source.file_list={lst}", "task.encode.num_workers=0",
+                              "task.encode.progress=false"])
+    assert summary["num_encoded"] == 2 and summary["num_skipped"] == 1
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["classes"] == ["n00", "n01", "n02"] and manifest["num_shards"] == 1
+    assert _shard(cache, 0)["label"].tolist() == [2, 0]  # the list's order, names -> sorted ids
+
+
+def test_train_sample_evaluate_end_to_end(prepared, tmp_path):
+    from dcgen.metrics import check_adm_npz
+    from dcgen.sample import generate, load_run
+    from dcgen.train import train
+    root = prepared["root"]
+    rd = tmp_path / "run"
+    cfg = compose("train", [*prepared["task"], "task.data.latent_sampling=resample", "model=dcdit_debug",
+                            "train.max_steps=3", "train.global_batch_size=4", "train.sample_every=0",
+                            "train.ckpt_every=0", "train.log_every=1", "dc.ratio_group_size=4",
+                            "dc.multi_budget_start_step=1", f"run_dir={rd}"])
+    train(cfg)
+    assert (rd / "export" / "model.safetensors").is_file()
+
+    out = tmp_path / "samples"
+    run("sample", [f"run_dir={rd}", "num_samples=2", "steps=3", f"out_dir={out}", "boundary_maps=1",
+                   "tail_drop=0.3"])
+    for name in ("images/000000.png", "images/000001.png", "samples.png"):
+        with Image.open(out / name) as im:
+            assert im.mode == "RGB" and (name == "samples.png" or im.size == (RES, RES))
+    assert (out / "boundary_map_00.png").is_file() and (out / "kept_fraction_vs_t.png").is_file()
+
+    ev = tmp_path / "eval"
+    torchrun(["evaluate", f"run_dir={rd}", "num_samples=3", "steps=2", "batch_size=2", "seed=3",
+              f"out_dir={ev}", f"evaluate.reference={root / 'train' / 'n01'}",
+              f"evaluate.inception_weights={root / 'inception.pt'}", "evaluate.num_workers=0",
+              f"evaluate.cache_dir={tmp_path / 'refcache'}"])
+    m = json.loads((ev / "metrics.json").read_text())
+    for key in ("fid", "is", "kid", "precision", "recall"):
+        assert m[key] is not None and np.isfinite(m[key]), key
+    assert m["num_samples"] == m["num_generated"] == 3 and m["num_reference"] == 4  # broken file skipped
+    assert m["processes"] == 2 and m["protocol"]["rank_seeds"] == [6, 7] and m["protocol"]["steps"] == 2
+    assert m["tflops_per_image"] > 0 and m["gflops_per_forward"] > 0
+    assert m["tflops_per_image_reference_counter"] < m["tflops_per_image"]  # residual_proj omitted (Q7)
+    assert 1 <= m["tokens_kept_mean"] <= 64 and m["tokens_grid"] == 64
+    assert m["latency_per_image_s"] > 0 and m["peak_memory_bytes"] > 0 and len(m["per_step"]["t"]) == 2
+    # the ADM file: arr_0, uint8, NHWC RGB, equal to the PNGs
+    npz = ev / f"samples_3x{RES}x{RES}x3.npz"
+    assert check_adm_npz(npz) == (3, RES, RES, 3) and m["npz"] == str(npz)
+    with np.load(npz) as z:
+        assert list(z.keys()) == ["arr_0"]
+        arr = z["arr_0"]
+    pngs = [np.asarray(Image.open(ev / "images" / f"{i:06d}.png")) for i in range(3)]
+    assert all(np.array_equal(arr[i], pngs[i]) for i in range(3))
+    labels = np.load(ev / "labels.npy")
+    assert labels.shape == (3,) and labels.max() < 3
+    # rank 1 (offset 2) sampled with seed 3 * 2 + 1: the same image from one process
+    model, objective, task, _ = load_run(rd, "cpu")
+    r1 = generate(model, objective, task, num_samples=1, steps=2, seed=7, record=False)
+    assert int(r1["labels"][0]) == int(labels[2])
+    img = np.clip(127.5 * task.decode(r1["samples"])[0].numpy() + 128, 0, 255).astype(np.uint8)
+    assert np.abs(img.transpose(1, 2, 0).astype(int) - pngs[2].astype(int)).max() <= 1
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_elastic_inference_flops_and_tokens(ws, tmp_path):
+    from dcgen.evaluate import cost_summary, dc_step_recorder
+    from dcgen.io import export_model
+    from dcgen.models import DCDiT
+    from dcgen.sample import generate
+    torch.manual_seed(0)
+    model = DCDiT(input_size=(8, 8), in_channels=4, num_classes=3, hidden_size=64, depth=2, num_heads=4,
+                  norm_groups=8).eval()
+    with torch.no_grad():  # an untrained router keeps ~2 tokens; lift p so many are boundaries
+        model.router.residual_scorer[3].bias.fill_(0.3)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([10, 300, 600, 900]), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        for rho in (0.0, 0.15, 0.4, 0.75, 0.9):
+            aux = model(x, t, y, tail_drop=rho)[1][0]
+            n = aux.natural_counts
+            forced = aux.boundary_mask_natural[:, [0, 63]].sum(1)
+            drop = torch.minimum(torch.floor(torch.tensor(rho, dtype=torch.float32) * n.float()).long(), n - forced)
+            assert torch.equal(aux.kept_counts, n - drop), rho  # floor(rho * n) removed per sample
+    assert int(n.min()) > 8  # the check above removed tokens
+
+    from omegaconf import OmegaConf
+    task_cfg = OmegaConf.to_container(compose("train", ws["task"]).task, resolve=True)
+    export_model(model, tmp_path / "export",
+                 extra={"task": task_cfg, "objective": {"_target_": "dcgen.diffusion.GaussianDiffusion"}})
+
+    # FLOPs along the trajectory fall monotonically with rho, also under Lite-CFG
+    from hydra.utils import instantiate
+    task = instantiate(OmegaConf.create(task_cfg), _convert_="all")
+    from dcgen.diffusion import GaussianDiffusion
+    flops = []
+    for rho in (0.0, 0.2, 0.5, 0.8):
+        res = generate(model, GaussianDiffusion(), task, num_samples=2, steps=3, tail_drop=rho, seed=0,
+                       flop_fn=dc_step_recorder(model, 1), map_samples=0)
+        flops.append(cost_summary(model, res, 1)["per_image"][:, 0].mean())
+    assert all(b < a for a, b in zip(flops, flops[1:])), flops
+    lite = generate(model, GaussianDiffusion(), task, num_samples=2, steps=3, cfg_scale=1.25, tail_drop=0.0,
+                    tail_drop_uncond=0.9, seed=0, flop_fn=dc_step_recorder(model, 2), map_samples=0)
+    c = cost_summary(model, lite, 2)["per_image"]
+    assert (c[:, 4] < c[:, 3]).all() and (c[:, 0] < 2 * c[:, 1]).all()  # pruned unconditional branch
+
+    # the tools: quality-against-FLOPs table and boundary maps over timesteps
+    table = _load_tool("elastic_table")
+    out = tmp_path / "elastic"
+    assert table.main(["--run-dir", str(tmp_path / "export"), "--budgets", "0", "0.6", "--out", str(out),
+                       "num_samples=2", "steps=2", "evaluate.metrics=[]", "evaluate.npz=false"]) == 0
+    rows = json.loads((out / "elastic_table.json").read_text())["rows"]
+    assert [r["tail_drop"] for r in rows] == [0.0, 0.6]
+    assert rows[0]["tflops_per_image"] > rows[1]["tflops_per_image"] and rows[1]["tflops_change"] < 0
+    assert rows[0]["tokens_kept_mean"] > rows[1]["tokens_kept_mean"]
+    assert "| ρ |" in (out / "elastic_table.md").read_text()
+    maps = _load_tool("boundary_maps")
+    mo = tmp_path / "maps"
+    assert maps.main(["--run-dir", str(tmp_path / "export"), "--out", str(mo), "--num-samples", "1",
+                      "--steps", "3", "--timesteps", "3", "--tail-drop", "0", "0.5", "--labels", "2"]) == 0
+    summary = json.loads((mo / "summary.json").read_text())
+    assert set(summary["budgets"]) == {"0", "0.5"}
+    assert (mo / "rho0.50" / "boundary_map_00.png").is_file() and (mo / "kept_fraction_vs_t_budgets.png").is_file()
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def test_every_experiment_config_builds():
+    from hydra.utils import instantiate
+
+    from dcgen.train import build_model
+    assert len(EXPERIMENTS) >= 25
+    for name in EXPERIMENTS:
+        cfg = compose("train", [f"experiment={name}"])
+        t = cfg.train
+        assert (cfg.optim.lr, t.global_batch_size, t.ema_decay, t.grad_clip, t.mixed_precision) == \
+            (1e-4, 256, 0.9999, 1.0, "bf16"), name
+        task = instantiate(cfg.task, _convert_="all")
+        assert task.name == "imagenet_latent" and task.num_classes == 1000
+        with torch.device("meta"):
+            model = build_model(cfg, task)
+        side = 64 if name.endswith("512") else 32
+        assert tuple(task.grid) == (side, side), name
+        if name.startswith(("dcdit", "ablation")):
+            assert model.dechunk.sigma in ((1.0, 1.0), 2.0) or model.dechunk.sigma == (side / 32,) * 2, name
+            if side == 64:
+                assert model.dechunk.sigma == 2.0
+            assert t.max_steps in (400000, 421230, 408071, 486372, 494943, 432097, 495365, 55000), name
+            assert cfg.dc.target_n == (16.0 if "n16" in name else 4.0)
+        else:
+            assert t.max_steps == 400000 and type(model).__name__ == "DiT"
+    b = compose("train", ["experiment=dcdit_b_256"])
+    with torch.device("meta"):
+        m = build_model(b, instantiate(b.task, _convert_="all"))
+    assert sum(p.numel() for p in m.parameters()) == pytest.approx(136.34e6, rel=2e-3)  # METHOD §7.2
+    up = compose("train", ["experiment=dcdit_xl_256_upcycle"])
+    assert up.model.cond_adaptor and up.model.pe_coord_scale == 0.5 and up.init.distill_steps == 5000
+    assert up.init.from_dit and up.model.hidden_size == 1152
+    assert compose("train", ["experiment=ablation_dcdit_s_no_multibudget"]).dc.multi_budget is False
+
+
+def test_task_errors_and_file_list(tmp_path, capsys):
+    from hydra.utils import instantiate
+
+    from dcgen.cli import main
+    from dcgen.tasks.imagenet_latent.data import read_file_list
+    task = instantiate(compose("train", ["task=imagenet_latent", f"task.cache_dir={tmp_path / 'none'}"]).task,
+                       _convert_="all")
+    with pytest.raises(FileNotFoundError, match="no latent cache at .*dcgen prepare"):
+        task.train_dataset()
+    assert main(["train", "task=imagenet_latent", "+task.data.flip=true", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'task.data.flip'" in err[0]
+    with pytest.raises(ValueError, match="needs task.source.image_dir .* or task.source.file_list"):
+        run("prepare", ["task=imagenet_latent", f"task.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(Exception, match="task.data.latent_sampling must be one of"):
+        instantiate(compose("train", ["task=imagenet_latent", "task.data.latent_sampling=random"]).task)
+    lst = tmp_path / "list.txt"
+    lst.write_text("a/x 1.jpg\t2\n# comment\nb/y.png 0\n\nc/z.JPEG\n")
+    with pytest.raises(ValueError, match="mix integer ids and class names"):
+        read_file_list(lst)
+    lst.write_text("a/x 1.jpg\t2\nb/y.png 0\n")
+    items, classes = read_file_list(lst, root="/data")
+    assert items == [("/data/a/x 1.jpg", 2), ("/data/b/y.png", 0)] and classes == ["0", "1", "2"]
+    lst.write_text("cat/1.jpg\ndog/2.jpg\ncat/3.jpg\n")
+    items, classes = read_file_list(lst)
+    assert classes == ["cat", "dog"] and [lbl for _, lbl in items] == [0, 1, 0]
+
+
+def test_evaluate_gathers_samples_of_other_tasks_and_counts_dit_flops(tmp_path):
+    """A task whose write_samples takes no start_index (toy) gets every sample at once; a DiT
+    costs its analytic forward at every step, twice under CFG."""
+    from dcgen.flops import model_flops
+    from dcgen.io import load_model
+    from dcgen.train import train
+    rd = tmp_path / "run"
+    train(compose("train", ["task=toy", "task.grid=[8,8]", "task.num_samples=16", "model=dit_debug",
+                            "train.max_steps=1", "train.global_batch_size=4", "train.sample_every=0",
+                            "train.ckpt_every=0", f"run_dir={rd}"]))
+    ev = run("evaluate", [f"run_dir={rd}", "num_samples=3", "steps=2", "cfg_scale=1.5", f"out_dir={tmp_path / 'ev'}",
+                          "+evaluate.num_reference=8"])
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["num_samples"] == 3 and "abs_mean_diff" in m  # the toy task's own statistics
+    assert (ev / "samples.png").is_file() and np.load(ev / "labels.npy").shape == (3,)
+    macs = model_flops(load_model(rd), batch=1)["total"]
+    assert m["gflops_per_forward"] == pytest.approx(macs / 1e9)
+    assert m["tflops_per_image"] == pytest.approx(2 * 2 * 2 * macs / 1e12)  # 2 steps x 2 branches
+    assert m["tokens_kept_mean"] == m["tokens_grid"] == 16 and m["protocol"]["cfg_branches"] == 2
