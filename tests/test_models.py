@@ -312,3 +312,12 @@ def test_cuda_bf16_training_step_and_batch_independence():
             out, _ = m(x, t, y)
             one, _ = m(x[:1], t[:1], y[:1])
         assert (out[:1].float() - one.float()).abs().max() < 2e-2, backend
+
+
+def test_uniform_lengths_fast_path_equals_loop():
+    gen = torch.Generator().manual_seed(2)
+    pack = PackInfo.from_lengths([6, 6, 6])
+    assert pack.uniform
+    q, k, v = (torch.randn(18, 2, 8, generator=gen) for _ in range(3))
+    assert torch.allclose(varlen_attention(q, k, v, pack, "sdpa"), varlen_attention(q, k, v, pack, "loop"),
+                          atol=1e-6)

@@ -75,7 +75,7 @@ def tail_drop_mask(p: torch.Tensor, natural: torch.Tensor, rho, grid: G.Grid,
     n_nat = natural.sum(1)  # (B,)
     n_drop = torch.floor(rho * n_nat.float()).long()  # fp32 product, truncated (as [R])
     forced = torch.zeros(L, dtype=torch.bool, device=p.device)
-    forced[list(G.corner_indices(grid))] = True
+    forced[0] = forced[L - 1] = True
     if protect_forced:
         ranked = natural & ~forced
         n_forced = (natural & forced).sum(1)

@@ -6,6 +6,7 @@ Raster order: the LAST axis varies fastest, flat index i = sum_a u_a * prod_{b>a
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -143,6 +144,7 @@ def sincos_pos_embed(grid: Grid, dim: int, coord_scale: float = 1.0) -> torch.Te
 # Separable operations for the de-chunk (METHOD §5.2)
 # --------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
 def gaussian_band(g: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
     """(g, g) banded Toeplitz matrix K[i, j] = exp(-(i-j)^2 / (2 sigma^2)) for |i-j| <= ceil(6 sigma).
 

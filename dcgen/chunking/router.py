@@ -26,7 +26,7 @@ def finish_probs(p: torch.Tensor, grid: G.Grid) -> RoutingModuleOutput:
     """Force the corners, threshold strictly at 0.5, and form the natural confidence."""
     B, L = p.shape
     forced = torch.zeros(L, dtype=torch.bool, device=p.device)
-    forced[list(G.corner_indices(grid))] = True
+    forced[0] = forced[L - 1] = True  # no host index tensor copied to the device
     # torch.where sends no gradient to the replaced entries, so the forced logits get none
     p = torch.where(forced, torch.ones((), device=p.device, dtype=p.dtype), p)
     mask = p > 0.5

@@ -49,6 +49,17 @@ class PackInfo:
         ar = torch.arange(self.max_seqlen, device=lengths.device)
         return (ar[None, :] < lengths[:, None])[:, None, None, :]
 
+    @functools.cached_property
+    def xformers_bias(self):
+        """Built once per forward and shared by every block."""
+        import xformers.ops as xops
+        return xops.fmha.attn_bias.BlockDiagonalMask.from_seqlens(self.lengths_host)
+
+    @property
+    def uniform(self) -> bool:
+        """All samples have the same length: packed == padded, no mask needed."""
+        return min(self.lengths_host) == self.max_seqlen
+
     @classmethod
     def from_chunk_index(cls, idx) -> "PackInfo":
         return cls(cu_seqlens=idx.cu_seqlens, max_seqlen=idx.max_seqlen,
@@ -124,18 +135,24 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
         return varlen_attn(q, k, v, pack.cu_seqlens, pack.cu_seqlens, M, M)
     if backend == "xformers":
         import xformers.ops as xops
-        bias = xops.fmha.attn_bias.BlockDiagonalMask.from_seqlens(pack.lengths_host)
-        out = xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)
+        out = xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=pack.xformers_bias)
         return out[0]
     if backend == "loop":
         outs = []
-        for s, e in zip(pack.cu_seqlens[:-1].tolist(), pack.cu_seqlens[1:].tolist()):
-            qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, M_b, d)
+        s = 0
+        for M in pack.lengths_host:  # host lengths: no device sync per block
+            qs, ks, vs = (t[s:s + M].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, M_b, d)
             outs.append(F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1))
+            s += M
         return torch.cat(outs, 0)
     # sdpa: scatter into a zero-padded (B, M) layout; padded keys are masked out, padded query
     # rows are computed (they see only real keys) and then dropped
     B, M = pack.batch_size, pack.max_seqlen
+    if pack.uniform:  # e.g. batch 1: the packed tensor already is the (B, M) layout
+        def view(t):
+            return t.view(B, M, H, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(view(q), view(k), view(v))
+        return out.transpose(1, 2).reshape(T, H, d)
     rows = pack.padded_rows
 
     def pad(t):

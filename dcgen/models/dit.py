@@ -76,7 +76,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, pack: PackInfo | None = None) -> torch.Tensor:
         mod = self.adaLN_modulation(c)  # (B, 6D)
-        mod = mod[:, None] if pack is None else mod[pack.batch_idx]  # (B, 1, 6D) or (T, 6D)
+        # index_select is several times faster than advanced indexing for this row gather
+        mod = mod[:, None] if pack is None else torch.index_select(mod, 0, pack.batch_idx)
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
         x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), pack)
         x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
