@@ -15,7 +15,7 @@ from ..chunking import grid as G
 from ..chunking.chunk import ChunkIndex, ChunkLayer, DeChunkLayer, ste
 from ..chunking.router import build_router
 from .attention import PackInfo
-from .dit import DiTBlock, init_conditioning, init_dit_linears
+from .dit import ConditionedModel, DiTBlock, init_block_adaln, init_conditioning, init_dit_linears
 from .layers import ConvStack, FinalLayer, LabelEmbedder, PatchEmbedND, RMSNorm, TimestepEmbedder, unpatchify
 
 
@@ -37,7 +37,7 @@ def default_sigma(grid: G.Grid) -> tuple[float, ...]:
     return tuple(max(1.0, g / 32) for g in grid)
 
 
-class DCDiT(nn.Module):
+class DCDiT(ConditionedModel):
     """Dynamic Chunking DiT on a grid of rank 1, 2 or 3. `forward` returns (out, [StageAux])."""
 
     def __init__(self, input_size=(32, 32), in_channels: int = 4, num_classes: int = 1000,
@@ -97,24 +97,13 @@ class DCDiT(nn.Module):
         init_dit_linears(self)  # convs keep PyTorch's default init
         self.x_embedder.reset_parameters()
         init_conditioning(self.t_embedder, self.y_embedder)
-        if block_adaln_init == "zero":  # adaLN-Zero; [R] keeps Xavier by accident (Q1)
-            for blk in self.blocks:
-                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        elif block_adaln_init != "xavier":
-            raise ValueError(f"block_adaln_init must be 'zero' or 'xavier', got {block_adaln_init!r}")
+        init_block_adaln(self.blocks, block_adaln_init)  # adaLN-Zero; [R] keeps Xavier (Q1)
         if residual_proj_init == "zero":  # H-Net's intent; [R] overwrites it with Xavier (Q2)
             nn.init.zeros_(self.residual_proj.weight)
         elif residual_proj_init != "xavier":
             raise ValueError(f"residual_proj_init must be 'zero' or 'xavier', got {residual_proj_init!r}")
         nn.init.zeros_(self.residual_proj.bias)
         self.final_layer.zero_init()
-
-    def conditioning(self, t, y):
-        c = self.t_embedder(t)  # (B, D)
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(y, self.training)
-        return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 tail_drop=0.0):

@@ -93,6 +93,26 @@ def init_dit_linears(module: nn.Module):
                 nn.init.zeros_(m.bias)
 
 
+def init_block_adaln(blocks, mode: str = "zero"):
+    """adaLN-Zero ('zero', DiT's intent) or keep Xavier ('xavier', [R]'s accidental Q1)."""
+    if mode == "zero":
+        for blk in blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+    elif mode != "xavier":
+        raise ValueError(f"block_adaln_init must be 'zero' or 'xavier', got {mode!r}")
+
+
+class ConditionedModel(nn.Module):
+    """Shared conditioning c = t_emb (+ y_emb) of DiT and DC-DiT."""
+
+    def conditioning(self, t, y):
+        c = self.t_embedder(t)  # (B, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training)
+        return c
+
+
 def init_conditioning(t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder | None):
     nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
@@ -100,7 +120,7 @@ def init_conditioning(t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder | 
         nn.init.normal_(y_embedder.embedding_table.weight, std=0.02)
 
 
-class DiT(nn.Module):
+class DiT(ConditionedModel):
     """Plain DiT on a grid of rank 1-3 with fixed patchify; returns (out, []) like DC-DiT."""
 
     def __init__(self, input_size=(32, 32), in_channels: int = 4, num_classes: int = 1000,
@@ -136,19 +156,8 @@ class DiT(nn.Module):
         init_dit_linears(self)
         self.x_embedder.reset_parameters()
         init_conditioning(self.t_embedder, self.y_embedder)
-        if block_adaln_init == "zero":
-            for blk in self.blocks:
-                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        elif block_adaln_init != "xavier":
-            raise ValueError(f"block_adaln_init must be 'zero' or 'xavier', got {block_adaln_init!r}")
+        init_block_adaln(self.blocks, block_adaln_init)
         self.final_layer.zero_init()
-
-    def conditioning(self, t, y):
-        c = self.t_embedder(t)  # (B, D)
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(y, self.training)
-        return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 tail_drop=0.0):
