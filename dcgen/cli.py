@@ -164,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
             NonFiniteLossError) as e:
         if os.environ.get("DCGEN_DEBUG"):
             raise
-        from hydra.errors import InstantiationException
         print(f"dcgen {argv[0]}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:

@@ -41,6 +41,30 @@ class Task:
         folder (the streamed `dcgen evaluate` uses it when present)."""
         raise NotImplementedError
 
+    def save_arrays(self, data, out_dir: str | Path, labels=None):
+        """The common start of `write_samples`: check that `data` is (N, C, *grid), write
+        `samples.npy` (and `labels.npy` when labels are given).
+
+        Returns (samples as a numpy array, labels as int64 numpy or None, out dir, paths)."""
+        import numpy as np
+
+        from . import viz
+        x = viz.as_numpy(data)
+        expect = (self.channels, *self.grid)
+        if x.ndim != len(expect) + 1 or tuple(x.shape[1:]) != expect:
+            raise ValueError(f"{self.name} write_samples: expected (N, {', '.join(map(str, expect))}),"
+                             f" got {tuple(x.shape)}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / "samples.npy"]
+        np.save(paths[0], x)
+        ys = None
+        if labels is not None:
+            ys = np.asarray(viz.as_numpy(labels), dtype=np.int64).reshape(-1)
+            paths.append(out / "labels.npy")
+            np.save(paths[-1], ys)
+        return x, ys, out, paths
+
     def evaluate(self, samples: torch.Tensor, out_dir: str | Path, **kwargs: Any) -> dict:
         """Metrics of decoded samples against the task's reference data. `samples=None` means
         "read what `write_samples` wrote into `out_dir`"."""

@@ -8,7 +8,6 @@ global batch, and a resumed run equals an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -319,7 +318,8 @@ def _fault_after_checkpoint(step: int):
 
 
 class _Stats:
-    """Running sums between log steps, reduced across processes at log time only."""
+    """Running sums between log steps, kept on the device (no host sync per step) and reduced
+    across processes at log time only."""
 
     BUCKETS = 10
 
@@ -329,39 +329,41 @@ class _Stats:
 
     def reset(self):
         self.n = 0
-        self.sums = {}
-        self.bucket_kept = torch.zeros(self.BUCKETS, dtype=torch.float64)
-        self.bucket_count = torch.zeros(self.BUCKETS, dtype=torch.float64)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.bucket_kept = torch.zeros(self.BUCKETS, dtype=torch.float64, device=self.device)
+        self.bucket_count = torch.zeros(self.BUCKETS, dtype=torch.float64, device=self.device)
 
-    def _acc(self, key, val):
-        self.sums[key] = self.sums.get(key, 0.0) + float(val)
+    def _acc(self, key, val: torch.Tensor):
+        val = val.detach().double().to(self.device)
+        self.sums[key] = self.sums[key] + val if key in self.sums else val
 
     def add(self, loss, ratio, aux, t, T):
         self.n += 1
-        self._acc("loss", loss.detach())
+        self._acc("loss", loss)
         if ratio is not None:
-            self._acc("ratio_loss", ratio.detach())
+            self._acc("ratio_loss", ratio)
         for s in aux or []:
             L = s.boundary_prob.shape[1]
-            kept = s.kept_counts.double().cpu()
-            nat = s.natural_counts.double().cpu()
+            kept = s.kept_counts.double()
+            nat = s.natural_counts.double()
             self._acc("kept_fraction", (kept / L).mean())
             self._acc("tokens_kept_per_sample", kept.mean())
             self._acc("natural_fraction", (nat / L).mean())
             # geometric mean over samples of L / max(count, 1)
             self._acc("compression_natural", torch.exp(torch.log(L / nat.clamp_min(1)).mean()))
             self._acc("compression_effective", torch.exp(torch.log(L / kept.clamp_min(1)).mean()))
-            self._acc("mean_p", s.boundary_prob.detach().float().mean())
-            tf = t.detach().float().cpu() / (T if T > 1.5 else 1.0)
-            b = (tf * self.BUCKETS).long().clamp(0, self.BUCKETS - 1)
-            self.bucket_kept.index_add_(0, b, kept / L)
-            self.bucket_count.index_add_(0, b, torch.ones_like(kept))
+            self._acc("mean_p", s.boundary_prob.detach().double().mean())
+            tf = t.detach().double().to(kept.device) / (T if T > 1.5 else 1.0)
+            b = (tf * self.BUCKETS).long().clamp(0, self.BUCKETS - 1).to(self.device)
+            self.bucket_kept.index_add_(0, b, (kept / L).to(self.device))
+            self.bucket_count.index_add_(0, b, torch.ones_like(kept, device=self.device))
 
     def reduce(self, accelerator) -> dict:
         keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] for k in keys] + [float(self.n)], dtype=torch.float64)
-        vec = torch.cat([vec, self.bucket_kept, self.bucket_count]).to(self.device)
-        vec = accelerator.reduce(vec, reduction="sum").cpu()
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)
+        vec = torch.cat([torch.stack([self.sums[k] for k in keys]) if keys else n[:0], n,
+                         self.bucket_kept, self.bucket_count])
+        vec = accelerator.reduce(vec, reduction="sum").cpu()  # the one sync, at log time
         n = float(vec[len(keys)])
         out = {k: float(vec[i]) / max(n, 1) for i, k in enumerate(keys)}
         bk = vec[len(keys) + 1:len(keys) + 1 + self.BUCKETS]

@@ -9,6 +9,17 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    """Accelerate keeps process-wide singletons; in-process train/prepare/evaluate calls in one
+    test must not leak their state (mixed precision, world) into the next."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

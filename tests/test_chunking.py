@@ -262,7 +262,7 @@ def test_ratio_loss_formula_and_minimum():
     # too many kept -> gradient pushes p down
     p2 = torch.full((16, 100), 0.6, requires_grad=True)
     ratio_loss(p2, p2 > 0.5, N).backward()
-    F_, dG = 1.0, N / (N - 1) * (N * 1.0 - 1)
+    dG = N / (N - 1) * (N * 1.0 - 1)  # F = 1: every token kept
     assert torch.allclose(p2.grad, torch.full_like(p2, dG / (16 * 100)), rtol=1e-5)
 
 

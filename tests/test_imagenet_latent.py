@@ -23,13 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RES = 64  # 8x8 latents
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def _free_port():

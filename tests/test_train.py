@@ -20,12 +20,6 @@ TOY = ["task=toy", "task.grid=[8,8]", "task.num_samples=64", "model=dcdit_debug"
        "dc.multi_budget_start_step=2", "train.ema_decay=0.9"]
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def run_cli(args, env=None, cwd=None, check=True):
@@ -240,8 +234,6 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
     wheel_dir = tmp_path / "wheel"
     p = subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                         str(wheel_dir), str(root)], capture_output=True, text=True, timeout=600)
-    if p.returncode != 0 and "No module named" in p.stderr:
-        pytest.skip("setuptools/wheel unavailable for a no-isolation build")
     assert p.returncode == 0, p.stderr[-2000:]
     target = tmp_path / "site"
     whl = next(wheel_dir.glob("dcgen-*.whl"))

@@ -11,14 +11,6 @@ from dcgen.upcycle import distill_terms, init_from_dit, load_dit_teacher
 from test_convert import dit_layout, mae_pos_table, random_state
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def save_original_dit(path, D, depth, C=4, p=2, num_classes=1000, grid=16, seed=0):
     """A random DiT checkpoint with facebookresearch/DiT's key names, written with torch.save."""
     sd = random_state(dit_layout(D, depth, C=C, p=p, num_classes=num_classes), seed=seed, std=0.02)

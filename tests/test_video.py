@@ -20,13 +20,6 @@ PY = sys.executable
 FRAMES, SIZE, VIDEO_FRAMES = 4, 32, 12
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def write_shape_video(path: Path, kind: str, phase: int, n: int = VIDEO_FRAMES, size: int = 64,

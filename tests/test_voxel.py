@@ -25,13 +25,6 @@ CLASSES = ("box", "cylinder", "sphere")  # sorted: labels 0, 1, 2
 CORRUPT = ("sphere/broken.ply", "box/parts/garbage.stl")
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def primitive(kind: str, rng: np.random.Generator) -> trimesh.Trimesh:

@@ -11,7 +11,7 @@ The cache written by `dcgen prepare` (prepare.py), every array a memory-mappable
 
     cache_dir/manifest.json      settings (resolution, VAE, latent shape, seed, shard size), classes
     cache_dir/items.tsv          item i on line i: "label<TAB>path"; shard s holds items [s S, (s+1) S)
-    cache_dir/shard_XXXXX/       the items of shard s that decoded:
+    cache_dir/shard_{s:05d}/     the items of shard s that decoded (shard_00000, shard_00001, ...):
         mean.npy, logvar.npy     (n, 2, C, h, w) posterior moments of the image [0] and its
                                  horizontal flip [1], unscaled
         latent.npy               (n, C, h, w) one posterior sample of one flip, fixed at

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -113,18 +112,7 @@ class PixelTask(Task):
         """`samples.npy` (float, as given), `samples.png` (a grid of the first `max_preview`)
         and `images/000000.png ...` (every sample, the folder an FID tool reads); labels, if
         given, go to `labels.npy`. Values are clamped to [-1, 1] for the PNGs only."""
-        x = viz.as_numpy(data)
-        expect = (self.channels, *self.grid)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expect:
-            raise ValueError(f"pixel write_samples: expected (N, {', '.join(map(str, expect))}),"
-                             f" got {tuple(x.shape)}")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / "samples.npy"]
-        np.save(paths[0], x)
-        if labels is not None:
-            paths.append(out / "labels.npy")
-            np.save(paths[-1], np.asarray(viz.as_numpy(labels), dtype=np.int64).reshape(-1))
+        x, _, out, paths = self.save_arrays(data, out_dir, labels)
         if x.shape[0] == 0:
             return paths
         paths.append(viz.save_image_grid(x[: self.max_preview], out / "samples.png"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from dcgen import viz
@@ -46,18 +45,7 @@ class ToyTask(Task):
         """`samples.npy` (all samples, any rank) plus one preview PNG of the first
         `max_preview`: rank 1 line plots, rank 2 an image grid (1 or 3 channels as gray/RGB,
         otherwise the first channel), rank 3 middle slices."""
-        x = viz.as_numpy(data)
-        expect = (self.channels, *self.grid)
-        if x.ndim != len(expect) + 1 or tuple(x.shape[1:]) != expect:
-            raise ValueError(f"toy write_samples: expected (N, {', '.join(map(str, expect))}), "
-                             f"got {tuple(x.shape)}")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / "samples.npy"]
-        np.save(paths[0], x)
-        if labels is not None:
-            paths.append(out / "labels.npy")
-            np.save(paths[-1], np.asarray(viz.as_numpy(labels), dtype=np.int64))
+        x, _, out, paths = self.save_arrays(data, out_dir, labels)
         if x.shape[0] == 0:
             return paths
         prev = x[: self.max_preview]

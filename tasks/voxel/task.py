@@ -161,20 +161,7 @@ class VoxelTask(Task):
         `meshes/<i>.obj|.glb|.ply`: marching cubes on the occupancy `data > 0` padded by one
         empty voxel, in the unit-cube frame. Empty samples get no mesh (logged, listed in
         `meshes/empty.txt`)."""
-        x = viz.as_numpy(data)
-        expect = (self.channels, *self.grid)
-        if x.ndim != 5 or tuple(x.shape[1:]) != expect:
-            raise ValueError(f"voxel write_samples: expected (N, {', '.join(map(str, expect))}),"
-                             f" got {tuple(x.shape)}")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / "samples.npy"]
-        np.save(paths[0], x)
-        ys = None
-        if labels is not None:
-            ys = np.asarray(viz.as_numpy(labels), dtype=np.int64).reshape(-1)
-            paths.append(out / "labels.npy")
-            np.save(paths[-1], ys)
+        x, ys, out, paths = self.save_arrays(data, out_dir, labels)
         if x.shape[0] == 0:
             return paths
         prev = x[: self.max_preview]
