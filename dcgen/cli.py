@@ -3,7 +3,10 @@
 Configs ship inside the package (`dcgen.configs`) and are composed with Hydra's compose API, so
 the command works from any directory, from a non-editable install, and unchanged under
 `accelerate launch -m dcgen ...` and `torchrun -m dcgen ...` (no Hydra output dirs, no chdir).
-User mistakes end in one line on stderr and exit code 2; DCGEN_DEBUG=1 shows the traceback.
+A user's own config folder joins with `hydra.searchpath=[file:///path]` (its experiment/, model/,
+task/ ... files become choices). User mistakes end in one line on stderr and exit code 2;
+DCGEN_DEBUG=1 shows the traceback. Exit codes: 0 done, 2 bad input (nothing written),
+75 preempted (a checkpoint was written; rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -11,34 +14,37 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from .validate import ConfigError, check_targets, is_restart_key, validate
 
 COMMANDS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "prepare": "prepare"}
 GROUPS = ("task", "model", "objective", "optim", "experiment", "compat")
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a temporary failure, try again (SLURM requeues the same command)
 
-USAGE = """usage: dcgen {train,sample,evaluate,prepare} [key=value ...]
+USAGE = """usage: dcgen {train,sample,evaluate,prepare} [group=choice ...] [key=value ...]
 
   dcgen train [task=pixel] [model=dcdit_small] [train.max_steps=3000] [run_dir=DIR] ...
   dcgen sample run_dir=DIR [num_samples=16 steps=250 sampler=ddpm cfg_scale=1 tail_drop=0 seed=0]
   dcgen evaluate run_dir=DIR [num_samples=50000 ...]
   dcgen prepare task=NAME [...]
 
-Config groups: task, model, objective, optim, experiment. `dcgen <cmd> --cfg` prints the
-composed config. A run dir that holds a checkpoint resumes when passed to `dcgen train`."""
+`dcgen <command> --help` lists that command's groups, choices and keys with their defaults;
+`dcgen <command> --cfg job` prints the composed config. Rerunning a `dcgen train` command on its
+run dir resumes it (requeue-safe); exit code 75 means preempted, checkpoint written."""
+
+ABOUT = {
+    "train": "Train a model; rerunning the same command on its run_dir resumes it.",
+    "sample": "Sample from the EMA weights of a run dir or an exported checkpoint dir.",
+    "evaluate": "Sample on every process and compute the task's metrics (FID, ...).",
+    "prepare": "Encode a task's data into its cache, once, before training.",
+}
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _available(group: str) -> list[str]:
-    from importlib.resources import files
-    try:
-        root = files("dcgen.configs") / group
-        return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
+# ----------------------------------------------------------------------------------------------
+# Composition
+# ----------------------------------------------------------------------------------------------
 
 def _parse(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -48,8 +54,35 @@ def _parse(overrides: list[str]):
         raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
 
 
+def _search_dirs(parsed) -> list[Path]:
+    """Folders named by a `hydra.searchpath=[file://...]` override."""
+    out = []
+    for ov in parsed:
+        if ov.key_or_group == "hydra.searchpath":
+            val = ov.value()
+            for entry in (val if isinstance(val, list) else [val]):
+                if isinstance(entry, str) and entry.startswith("file://"):
+                    out.append(Path(entry[len("file://"):]))
+    return out
+
+
+def _available(group: str, extra_dirs=()) -> list[str]:
+    from importlib.resources import files
+    names = set()
+    try:
+        root = files("dcgen.configs") / group
+        names |= {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    for d in extra_dirs:
+        if (d / group).is_dir():
+            names |= {p.stem for p in (d / group).glob("*.yaml")}
+    return sorted(names)
+
+
 def _check_keys(cfg: DictConfig, parsed, where: str):
-    """Reject value overrides of keys that do not exist, naming the valid keys."""
+    """Reject overrides of keys that do not exist (naming the valid keys) and scalars given to a
+    config section (naming its keys and the likely intended override)."""
     for ov in parsed:
         key = ov.key_or_group
         if ov.is_add() or ov.is_delete() or key.split(".")[0] in GROUPS and "." not in key:
@@ -64,20 +97,34 @@ def _check_keys(cfg: DictConfig, parsed, where: str):
                 scope = f"under '{parent}'" if parent else f"at the top of {where}"
                 raise ConfigError(f"unknown config key '{key}' (valid keys {scope}: {valid})")
             raise ConfigError(f"unknown config key '{key}' ('{parent}' is not a config section)")
+        target = node._get_node(leaf)
+        value = ov.value()
+        if isinstance(target, DictConfig) and not isinstance(value, dict):
+            keys = [str(k) for k in target.keys()]
+            shown = " and ".join(f"'{k}'" for k in keys) if len(keys) <= 3 else ", ".join(keys)
+            hint = f"; e.g. {key}.{keys[0]}={ov.input_line.split('=', 1)[1]}" if keys else ""
+            raise ConfigError(f"'{key}' is a config section with the keys {shown}, not a value{hint}")
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
+def compose(config_name: str, overrides: list[str], record_choices: bool = False) -> DictConfig:
+    """The config of `config_name` with `overrides`; with `record_choices`, a `choices` node
+    records the group choices (task, model, ...) that composed it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.errors import HydraException
     parsed = _parse(overrides)
+    extra = _search_dirs(parsed)
+    for d in extra:
+        if not d.is_dir():
+            raise ConfigError(f"hydra.searchpath: {d} is not a directory")
     for ov in parsed:
         key = ov.key_or_group
         if key in GROUPS and not ov.is_delete():
             choice = ov.value()
-            if isinstance(choice, str) and choice not in _available(key):
-                raise ConfigError(f"unknown {key} '{choice}' (available: {', '.join(_available(key))})")
-    group_ovs = [o for o, p in zip(overrides, parsed) if p.key_or_group in GROUPS]
+            if isinstance(choice, str) and choice not in _available(key, extra):
+                raise ConfigError(f"unknown {key} '{choice}' (available: {', '.join(_available(key, extra))})")
+    group_ovs = [o for o, p in zip(overrides, parsed)
+                 if p.key_or_group in GROUPS or p.key_or_group.startswith("hydra.")]
     with initialize_config_module("dcgen.configs", version_base=None):
         try:
             base = hydra_compose(config_name, group_ovs)
@@ -85,25 +132,94 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
             raise ConfigError(str(e).splitlines()[0]) from None
         _check_keys(base, parsed, f"{config_name}.yaml")
         try:
-            return hydra_compose(config_name, overrides)
+            cfg = hydra_compose(config_name, overrides, return_hydra_config=True)
         except HydraException as e:
             raise ConfigError(str(e).splitlines()[0]) from None
+        except Exception as e:  # omegaconf validation errors carry several lines
+            raise ConfigError(str(e).splitlines()[0]) from None
+    choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+               if not k.startswith("hydra/")}
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if record_choices:
+            cfg.choices = choices
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Requeue-safe resume
+# ----------------------------------------------------------------------------------------------
+
+def _flat(node, prefix: str = "") -> dict:
+    """Dotted leaf keys -> values of a resolved config."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=True)
+    out = {}
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = node
+    return out
+
+
+def config_diff(old: DictConfig, new: DictConfig, ignore=("run_dir",)) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every leaf that differs, '<absent>' for a missing side."""
+    a, b = _flat(old), _flat(new)
+    absent = "<absent>"
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore or k.split(".")[0] in ignore:
+            continue
+        va, vb = a.get(k, absent), b.get(k, absent)
+        if va != vb:
+            diffs.append((k, va, vb))
+    return diffs
+
+
+def _shown_diffs(diffs, limit: int = 12) -> str:
+    parts = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:limit]]
+    if len(diffs) > limit:
+        parts.append(f"... ({len(diffs)} keys in all)")
+    return "; ".join(parts)
 
 
 def compose_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """Config of an existing run, with value overrides (e.g. a longer train.max_steps) applied."""
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    """The config to resume `run_dir` with, for a `dcgen train` command naming it.
+
+    - Only `run_dir=` and restartable keys (validate.RESTART_KEYS) given: the stored config with
+      those keys applied.
+    - Anything else: the command's config is composed afresh and compared with the stored one.
+      Identical, or differing only in restartable keys -> resume with the new values (said on
+      stderr); any other difference -> ConfigError listing the differing keys, old -> new.
+    Nothing is written here."""
+    where = str(run_dir / "config.yaml")
+    stored = OmegaConf.load(run_dir / "config.yaml")
+    check_targets(stored, where)
     parsed = _parse(overrides)
-    for ov in parsed:
-        if ov.key_or_group in GROUPS:
-            raise ConfigError(f"run dir {run_dir} already has a config; '{ov.input_line}' would change "
-                              "its composition (start a new run_dir instead)")
-    _check_keys(cfg, parsed, str(run_dir / "config.yaml"))
-    for ov in parsed:
-        if ov.key_or_group == "run_dir":
-            continue
-        OmegaConf.update(cfg, ov.key_or_group, ov.value(), merge=False)
+    given = [ov.key_or_group for ov in parsed if ov.key_or_group != "run_dir"]
+    if all(is_restart_key(k) for k in given):
+        _check_keys(stored, parsed, where)
+        cfg = stored.copy()
+        for ov in parsed:
+            if ov.key_or_group != "run_dir":
+                OmegaConf.update(cfg, ov.key_or_group, ov.value(), merge=False)
+        changed = config_diff(stored, cfg)
+    else:
+        cfg = compose("train", overrides, record_choices=True)
+        ignore = ("run_dir",) if "choices" in stored else ("run_dir", "choices")
+        changed = config_diff(stored, cfg, ignore=ignore)
+        fixed = [d for d in changed if not is_restart_key(d[0])]
+        if fixed:
+            raise ConfigError(f"run dir {run_dir} was started with another config; this command "
+                              f"changes {_shown_diffs(fixed)} (only the length and cadence keys "
+                              "may change on a restart; start a new run_dir instead)")
+        if "choices" not in stored:
+            with open_dict(cfg):
+                del cfg["choices"]
     cfg.run_dir = str(run_dir)
+    if changed:
+        print(f"dcgen train: resuming {run_dir} with {_shown_diffs(changed)}", file=sys.stderr)
     return cfg
 
 
@@ -114,16 +230,79 @@ def _run_dir_override(overrides):
     return None
 
 
-def run(command: str, overrides: list[str]):
+# ----------------------------------------------------------------------------------------------
+# Help
+# ----------------------------------------------------------------------------------------------
+
+def command_help(command: str, overrides: list[str] | None = None) -> str:
+    """Usage of one command: its groups with their choices, then every key with its default."""
+    cfg = compose(COMMANDS[command], overrides or [], record_choices=True)
+    extra = _search_dirs(_parse(overrides or []))
+    lines = [f"usage: dcgen {command} [group=choice ...] [key=value ...]", "", ABOUT[command], ""]
+    chosen = OmegaConf.to_container(cfg.choices)
+    groups = [g for g in GROUPS if g in chosen]
+    if groups:
+        lines.append("groups (current choice marked *):")
+        for g in groups:
+            opts = [("*" if o == chosen[g] else "") + o for o in _available(g, extra)]
+            lines.append(f"  {g:<10} {' '.join(opts) if opts else '(none)'}")
+        lines.append("")
+    lines.append("keys (defaults):")
+    with open_dict(cfg):
+        del cfg["choices"]
+    for key, val in _flat(OmegaConf.to_container(cfg, resolve=False)).items():
+        if key.split(".")[0] in groups:
+            continue  # group nodes: see the group's own files
+        lines.append(f"  {key}={'null' if val is None else val}")
+    if groups:
+        lines.append("")
+        lines.append("group nodes (" + ", ".join(groups) + ") take dotted keys too, e.g. "
+                     "task.grid=[8,8]; `--cfg job` shows them.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------
+
+def _split_flags(args: list[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, print_cfg, help) from the arguments after the command."""
+    out, print_cfg, want_help = [], False, False
+    it = iter(range(len(args)))
+    skip = False
+    for i in it:
+        a = args[i]
+        if skip:
+            skip = False
+            continue
+        if a in ("-h", "--help"):
+            want_help = True
+        elif a in ("--cfg", "-c"):
+            print_cfg = True
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt in ("job", "hydra", "all"):
+                if nxt != "job":
+                    raise ConfigError(f"--cfg {nxt}: dcgen has no Hydra run config; use --cfg job")
+                skip = True
+        else:
+            out.append(a)
+    return out, print_cfg, want_help
+
+
+def run(command: str, args: list[str]):
     if command not in COMMANDS:
         raise ConfigError(f"unknown command '{command}' (valid: {', '.join(COMMANDS)})")
-    print_cfg = "--cfg" in overrides
-    overrides = [o for o in overrides if o != "--cfg"]
+    overrides, print_cfg, want_help = _split_flags(args)
+    if want_help:
+        print(command_help(command, [o for o in overrides if o.split("=")[0] in GROUPS
+                                     or o.startswith("hydra.")]))
+        return None
     rd = _run_dir_override(overrides)
     if command == "train" and rd and (Path(rd) / "config.yaml").exists():
         cfg = compose_resume(Path(rd), overrides)
     else:
-        cfg = compose(COMMANDS[command], overrides)
+        cfg = compose(COMMANDS[command], overrides, record_choices=command == "train")
+    validate(command, cfg)
     if print_cfg:
         print(OmegaConf.to_yaml(cfg))
         return None
@@ -157,21 +336,24 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    from .train import NonFiniteLossError
+    from .train import NonFiniteLossError, TrainingPreempted
     try:
         run(argv[0], argv[1:])
+    except TrainingPreempted as e:
+        print(f"dcgen {argv[0]}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, KeyError,
             NonFiniteLossError) as e:
         if os.environ.get("DCGEN_DEBUG"):
             raise
         print(f"dcgen {argv[0]}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except Exception as e:
         from hydra.errors import InstantiationException
         if isinstance(e, InstantiationException) and not os.environ.get("DCGEN_DEBUG"):
             cause = e.__cause__ or e
             print(f"dcgen {argv[0]}: error: {_one_line(cause)}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         raise
     return 0
 

@@ -193,6 +193,8 @@ def read_export_config(path) -> dict:
         raise ValueError(f"{cfg_file}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_file}: expected a mapping at the top level, got {type(cfg).__name__}")
+    from .validate import check_targets
+    check_targets(cfg, str(cfg_file))  # loading builds dcgen classes only, never foreign code
     return cfg
 
 

@@ -9,11 +9,33 @@ model sees *before* patching; the model's patch size turns it into its token gri
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
+
+
+# Per-item randomness for datasets: a function of (seed, purpose, item, epoch), never of the global
+# RNG, so every process count, worker count and resume draws the same augmentations.
+
+def draw_seed(seed: int, purpose: str, item: int, epoch: int = 0) -> int:
+    """A 63-bit seed for one item's draw. Hashing (rather than seed*K + item arithmetic) keeps
+    streams of different seeds, items and epochs from colliding."""
+    key = f"dcgen/{purpose}/{int(seed)}/{int(item)}/{int(epoch)}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def item_generator(seed: int, purpose: str, item: int, epoch: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(draw_seed(seed, purpose, item, epoch))
+
+
+def item_key(key) -> tuple[int, int]:
+    """A dataset key: an index, or (index, epoch) from a sampler that passes epochs."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), 0
 
 
 class Task:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .diffusion.gaussian import host_to_device
 from .ema import EMA
 
 log = logging.getLogger("dcgen.train")
@@ -113,55 +115,294 @@ def build_model(cfg: DictConfig, task):
     return instantiate(cfg.model, **kw, _convert_="all")
 
 
-def resolve_mixed_precision(choice: str) -> str:
+def native_bf16() -> bool:
+    """bf16 autocast is worth it only where the GPU computes bf16 natively (Ampere and newer);
+    V100 and T4 emulate it, slower than fp32. Capability probe, not a version check."""
+    if not torch.cuda.is_available():
+        return False
+    import inspect
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def resolve_mixed_precision(choice: str | None) -> str | None:
+    """Accelerate's mixed_precision from `train.mixed_precision`; None defers to Accelerate.
+
+    null: the launcher's setting if there is one (`accelerate launch --mixed_precision`, an
+    accelerate config file, ACCELERATE_MIXED_PRECISION), else `auto`. auto: bf16 where native,
+    else "no". An explicit value wins over the launcher's."""
+    from .validate import ConfigError
+    if choice is None:
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if launcher:
+            resolved = launcher.lower()
+        else:
+            choice = "auto"
+    if choice is not None:
+        resolved = choice if choice != "auto" else ("bf16" if native_bf16() else "no")
+    if resolved == "fp16":
+        raise ConfigError("mixed precision fp16 is not supported (no loss-scaled path is tested; the "
+                          "fp16 range overflows in the backbone): use bf16 on GPUs that run it "
+                          "natively, or no")
+    if resolved not in ("no", "bf16", "fp8"):
+        raise ConfigError(f"mixed precision '{resolved}': expected no or bf16")
+    return None if choice is None else resolved
+
+
+def check_distributed_mode(accelerator) -> None:
+    """DDP (one or many machines) and single processes are supported; sharded modes are refused
+    before any work: checkpoints, export and EMA read full, unsharded parameters on rank 0."""
+    from accelerate.utils import DistributedType
+
+    from .validate import ConfigError
+    sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"{name} is not supported by dcgen train (checkpoints, EMA and export "
+                              "need unsharded parameters); supported: one process, or DDP on one "
+                              "or many machines (accelerate launch / torchrun without FSDP or "
+                              "DeepSpeed)")
+    name = sharded.get(accelerator.distributed_type)
+    if name:
+        raise ConfigError(f"{name} is not supported by dcgen train; supported: one process, or DDP "
+                          "on one or many machines")
+
+
+def cpu_threads(choice, local_world: int, recorded: int | None = None) -> tuple[int, str]:
+    """(intra-op threads, why) for a CPU run. auto: the cores this process can actually get — its
+    affinity set shared by the local processes, capped by OMP_NUM_THREADS when set, less what
+    other processes keep busy (1-minute load average; two processes with 2 threads each on 2
+    cores run 5-10x slower than with 1 each). A resumed run reuses the count it started with
+    (`recorded`): a different count changes float summation order, and resume is bit-exact."""
     if choice != "auto":
-        return choice
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+        return int(choice), "train.num_threads"
+    if recorded:
+        return int(recorded), "auto, as when the run started"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, local_world))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        share = min(share, int(omp))
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    free = max(1, int(cores - busy + 0.5))
+    n = max(1, min(share, free))
+    return n, f"auto: {cores} cores, {local_world} local process(es), load {busy:.1f}"
+
+
+class TrainingPreempted(RuntimeError):
+    """SIGTERM/SIGUSR1 received: a checkpoint was written at a step boundary (exit code 75)."""
+
+
+class _Signals:
+    """SIGTERM and SIGUSR1 (SLURM's warning before a kill, `--signal=USR1@120`) request a stop at
+    the next step boundary; a second signal exits at once (exit code 128 + signal)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+        self.received: int | None = None
+        self.previous = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+
+    def restore(self):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class _StepDecision:
+    """One collective decision per optimizer step: stop (a preemption signal on any rank) and
+    non-finite losses (which ranks), without a device sync of its own.
+
+    Each micro-step ORs `isfinite(loss)` into a device flag. At the end of a step the flags of all
+    ranks are summed in one all-reduce, and the result is copied to host memory (pinned, non-
+    blocking, with an event on CUDA). It is read one step later, when it has long arrived (on CUDA
+    the next step's packing-length read already waited for it); on log and checkpoint steps it is
+    read at once, so no checkpoint is ever written after a non-finite step. Every rank reads the
+    same reduced values at the same step, so all ranks stop together."""
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.device = accelerator.device
+        self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.queue: list[tuple[int, torch.Tensor, object]] = []
+
+    def mark(self, loss: torch.Tensor):
+        self.bad = self.bad | ~torch.isfinite(loss.detach())
+
+    def push(self, step: int, signalled: bool):
+        W = self.world
+        vec = torch.zeros(W + 1, dtype=torch.float32, device=self.device)
+        vec[self.rank] = self.bad.float()
+        vec[W] = float(signalled)
+        vec = self.acc.reduce(vec, reduction="sum")
+        event = None
+        if self.device.type == "cuda":
+            host = torch.empty(W + 1, dtype=torch.float32, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = vec
+        self.queue.append((step, host, event))
+        self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def poll(self, wait: bool) -> tuple[bool, tuple[int, list[int]] | None]:
+        """(stop requested, (step, ranks) of the first non-finite loss or None), from every queued
+        step older than the newest, and the newest too when `wait`."""
+        stop, bad = False, None
+        while self.queue and (wait or len(self.queue) > 1):
+            step, host, event = self.queue.pop(0)
+            if event is not None and not event.query():
+                event.synchronize()
+            vals = host.numpy()  # host memory: no device sync (see the class docstring)
+            ranks = [r for r in range(self.world) if vals[r] > 0]
+            if ranks and bad is None:
+                bad = (step, ranks)
+            stop = stop or vals[self.world] > 0
+        return stop, bad
+
+
+class RunLog:
+    """The plain progress line every `log_every` steps, to stdout and run_dir/log.txt (rank 0);
+    a tqdm bar in addition only when stdout is a terminal."""
+
+    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool):
+        self.enabled, self.total = enabled, total
+        self.file = open(run_dir / "log.txt", "a", buffering=1) if enabled else None
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def step(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def line(self, text: str):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+        self.file.write(text + "\n")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def _eta(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_line(step: int, total: int, s: dict, eta_s: float) -> str:
+    parts = [f"step {step}/{total}", f"loss {s['loss']:.4f}"]
+    if "ratio_loss" in s:
+        parts.append(f"ratio_loss {s['ratio_loss']:.4f}")
+    if "kept_fraction" in s:
+        parts.append(f"kept {s['kept_fraction']:.3f}")
+    if "rho" in s:
+        parts.append(f"rho {s['rho']:.1f}")
+    if "grad_norm" in s:
+        parts.append(f"grad_norm {s['grad_norm']:.3f}")
+    parts += [f"lr {s['lr']:.2e}", f"{s['samples_per_s']:.1f} samples/s", f"ETA {_eta(eta_s)}"]
+    return " | ".join(parts)
+
+
+def _trackers(log_with) -> list[str]:
+    from .validate import ConfigError
+    if log_with in (None, "none"):
+        return []
+    names = [log_with] if isinstance(log_with, str) else list(log_with)
+    if "wandb" in names:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.log_with=wandb needs Weights & Biases: pip install dcgen[wandb]") from None
+    return names
 
 
 def train(cfg: DictConfig, return_model: bool = False):
     """Train as `cfg` says; returns the run dir (and, with `return_model`, this process's
-    unwrapped model and EMA model, e.g. to compare ranks)."""
-    from accelerate import Accelerator
+    unwrapped model and EMA model, e.g. to compare ranks). Raises TrainingPreempted after writing
+    a checkpoint when SIGTERM/SIGUSR1 arrives, NonFiniteLossError on a non-finite loss."""
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list
     from hydra.utils import instantiate
 
     from .chunking import ratio_loss
     from .io import export_model
+    from .validate import validate
 
+    validate("train", cfg)
     tc, dc = cfg.train, cfg.dc
 
-    # 1. Processes, run directory, frozen config ---------------------------------------------
+    # 1. Processes, precision, threads (nothing written yet) -----------------------------------
     # cpu=True on CPU-only machines: without it Accelerate ignores torchrun's env and each
     # process would train alone; with it, gloo runs the processes as one job
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
-                              gradient_accumulation_steps=tc.grad_accum_steps,
-                              cpu=not torch.cuda.is_available())
+    on_cpu = not torch.cuda.is_available()
+    mixed = resolve_mixed_precision(tc.get("mixed_precision"))
+    trackers = _trackers(tc.get("log_with", ["tensorboard"]))
+    state = PartialState(cpu=on_cpu)
+    run_dir = [cfg.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"]
+    broadcast_object_list(run_dir)  # every rank writes into the directory rank 0 chose
+    run_dir = Path(run_dir[0])
+    acc_kw = {} if mixed is None else {"mixed_precision": mixed}
+    accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum_steps, cpu=on_cpu,
+                              log_with=trackers or None, project_dir=str(run_dir), **acc_kw)
+    check_distributed_mode(accelerator)
+    resolve_mixed_precision(accelerator.mixed_precision)  # refuses fp16 from the launcher too
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     G_batch, A = int(tc.global_batch_size), int(tc.grad_accum_steps)
     if G_batch % (world * A):
         raise ValueError(f"train.global_batch_size={G_batch} is not divisible by processes ({world}) "
                          f"x train.grad_accum_steps ({A})")
     micro = G_batch // (world * A)
-    run_dir = [cfg.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"]
-    broadcast_object_list(run_dir)  # every rank writes into the directory rank 0 chose
-    run_dir = Path(run_dir[0])
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    accelerator.wait_for_everyone()
+    threads_note, n_threads = "", None
+    if accelerator.device.type == "cpu":
+        recorded = None
+        if cfg.run_dir and (prev := latest_checkpoint(run_dir)) is not None:
+            import json
+            recorded = json.loads((prev / "state.json").read_text()).get("num_threads")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+        n_threads, why = cpu_threads(tc.get("num_threads", "auto"), local, recorded)
+        torch.set_num_threads(n_threads)
+        threads_note = f", {n_threads} CPU thread(s) ({why})"
 
-    # 2. Task and data -------------------------------------------------------------------------
+    # 2. Task, data, model, EMA, objective, optimiser: everything that can fail on a bad config
+    #    is built before the run dir is touched --------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical model init on every rank
     task = instantiate(cfg.task, _convert_="all")
     dataset = task.train_dataset()
     if len(dataset) == 0:
         raise ValueError(f"task {task.name} has an empty training set")
-
-    # 3. Model, EMA, objective, optimiser ----------------------------------------------------------
     model = build_model(cfg, task)
     is_dc = hasattr(model, "router")
     objective = instantiate(cfg.objective, _convert_="all")
@@ -173,24 +414,40 @@ def train(cfg: DictConfig, return_model: bool = False):
         model.y_embedder.dropout_prob = 0.0  # the loop draws label dropout (rank-invariant)
     teacher, distill_steps = None, 0
     init = cfg.get("init") or {}
+    upcycle_report = None
     if init.get("from_dit"):  # upcycling a pretrained DiT (METHOD §9.1)
         from .upcycle import init_from_dit, load_dit_teacher
         teacher = load_dit_teacher(init.from_dit, device=accelerator.device,
                                    num_heads=model.config["num_heads"])
-        report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
+        upcycle_report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
         distill_steps = int(init.get("distill_steps", 0))
-        if is_main:
-            log.info("upcycled from %s: %s", init.from_dit, report)
     ema = EMA(model, tc.ema_decay)
     optimizer = instantiate(cfg.optim)(params=[p for p in model.parameters() if p.requires_grad])
     n_params = sum(p.numel() for p in model.parameters())
+    if tc.get("compile", False):
+        from .models.compile import compile_backbone
+        compile_backbone(model)
+
+    # 3. Run directory, frozen config, log file -----------------------------------------------------
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    accelerator.wait_for_everyone()
+    file_log = None
+    if is_main:
+        file_log = logging.FileHandler(run_dir / "log.txt")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logging.getLogger("dcgen").addHandler(file_log)
+        if upcycle_report is not None:
+            log.info("upcycled from %s: %s", init.from_dit, upcycle_report)
 
     # 4. Resume -------------------------------------------------------------------------------------
     start_step = 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        state, rng = load_checkpoint(ckpt, model, ema, optimizer, rank)
-        start_step = state["step"]
+        ck_state, rng = load_checkpoint(ckpt, model, ema, optimizer, rank)
+        start_step = ck_state["step"]
         set_rng_state(rng["global"])
         if is_main:
             log.info("resumed from %s (step %d)", ckpt, start_step)
@@ -205,109 +462,149 @@ def train(cfg: DictConfig, return_model: bool = False):
                                          pin_memory=accelerator.device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
+    if trackers:
+        accelerator.init_trackers("tb" if trackers == ["tensorboard"] else "dcgen")
     writer = None
+    if is_main and "tensorboard" in trackers:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
     if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tb"))
-        log.info("%s: %.2fM parameters, task %s %s, %d processes, micro-batch %d, run dir %s",
-                 type(raw).__name__, n_params / 1e6, task.name, tuple(task.grid), world, micro, run_dir)
+        log.info("%s: %.2fM parameters, task %s %s, %d processes, micro-batch %d, mixed precision %s%s, "
+                 "run dir %s", type(raw).__name__, n_params / 1e6, task.name, tuple(task.grid), world,
+                 micro, accelerator.mixed_precision, threads_note, run_dir)
 
     # 5. Loop -----------------------------------------------------------------------------------------
     T_steps = getattr(objective, "num_timesteps", 1000)
     sample_shape = (task.channels, *task.grid)
     stats = _Stats(device=accelerator.device)
-    t_last, samples_since = time.time(), 0
-    progress = None
-    if is_main:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    decision = _StepDecision(accelerator)
+    signals = _Signals()
+    runlog = RunLog(run_dir, tc.max_steps, start_step, enabled=is_main)
+    t_last, samples_since, steps_since = time.time(), 0, 0
     step = start_step
-    while step < tc.max_steps:
-        rho, n_eff = dc_schedule(dc, step) if is_dc else (0.0, dc.target_n)
-        t_all, noise_all, drop_all = step_randomness(cfg.seed, step, G_batch, sample_shape, T_steps,
-                                                     objective, p_drop)
-        grad_norm = None
-        for k in range(A):
-            x, y = next(batches)
-            rows = sampler.positions(step, k)
-            sl = slice(rows.start - step * G_batch, rows.stop - step * G_batch)
-            x, y = x.to(accelerator.device), y.to(accelerator.device)
-            t, noise = t_all[sl].to(accelerator.device), noise_all[sl].to(accelerator.device)
-            if task.num_classes > 0:
-                y = torch.where(drop_all[sl].to(y.device), torch.full_like(y, task.num_classes), y)
-            else:
-                y = None
-            with accelerator.accumulate(model), accelerator.autocast():
-                if teacher is not None and step >= distill_steps:
-                    teacher = None  # distillation over: free the teacher's memory
-                if teacher is not None:  # distillation warm-up
-                    from .upcycle import distill_terms
-                    terms, aux = distill_terms(objective, model, teacher, x, y, t=t, noise=noise,
-                                               tail_drop=rho)
+    ckpt_state = {"world": world, "mixed_precision": accelerator.mixed_precision, "num_threads": n_threads}
+
+    def checkpoint(at: int):
+        save_checkpoint(run_dir, at, raw, ema, optimizer, {"data_position": at * G_batch, **ckpt_state},
+                        {}, accelerator, keep=tc.ckpt_keep)
+        if is_main:
+            export_model(ema.model, run_dir / "export",
+                         extra={"task": OmegaConf.to_container(cfg.task, resolve=True),
+                                "objective": OmegaConf.to_container(cfg.objective, resolve=True),
+                                "step": at})
+
+    try:
+        while step < tc.max_steps:
+            _fault_signal(step, rank)
+            rho, n_eff = dc_schedule(dc, step) if is_dc else (0.0, dc.target_n)
+            t_all, noise_all, drop_all = step_randomness(cfg.seed, step, G_batch, sample_shape, T_steps,
+                                                         objective, p_drop)
+            grad_norm = None
+            for k in range(A):
+                x, y = next(batches)
+                rows = sampler.positions(step, k)
+                sl = slice(rows.start - step * G_batch, rows.stop - step * G_batch)
+                x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+                t, noise = host_to_device(t_all[sl], accelerator.device), host_to_device(noise_all[sl], accelerator.device)
+                if task.num_classes > 0:
+                    y = torch.where(host_to_device(drop_all[sl], y.device), torch.full_like(y, task.num_classes), y)
                 else:
-                    terms, aux = objective.training_losses(model, x, y, t=t, noise=noise, tail_drop=rho)
-                loss_diff = terms["loss"].mean()
-                loss = loss_diff
-                if is_dc:
-                    lr_ = torch.stack([ratio_loss(s.boundary_prob, s.boundary_mask_natural, n_eff,
-                                                  dc.ratio_group_size) for s in aux]).mean()
-                    loss = loss + dc.ratio_weight * lr_
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at step {step}; training stopped, the last "
-                        f"good checkpoint is {latest_checkpoint(run_dir) or 'none (no checkpoint yet)'}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.grad_clip:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            stats.add(loss_diff, lr_ if is_dc else None, aux, t, T_steps)
-        ema.update(raw)
-        step += 1
-        samples_since += G_batch
-        if progress is not None:
-            progress.update(1)
+                    y = None
+                with accelerator.accumulate(model), accelerator.autocast():
+                    if teacher is not None and step >= distill_steps:
+                        teacher = None  # distillation over: free the teacher's memory
+                    if teacher is not None:  # distillation warm-up
+                        from .upcycle import distill_terms
+                        terms, aux = distill_terms(objective, model, teacher, x, y, t=t, noise=noise,
+                                                   tail_drop=rho)
+                    else:
+                        terms, aux = objective.training_losses(model, x, y, t=t, noise=noise, tail_drop=rho)
+                    loss_diff = terms["loss"].mean()
+                    loss = loss_diff
+                    ratio = None
+                    if is_dc:
+                        ratio = torch.stack([ratio_loss(s.boundary_prob, s.boundary_mask_natural, n_eff,
+                                                        dc.ratio_group_size) for s in aux]).mean()
+                        loss = loss + dc.ratio_weight * ratio
+                    decision.mark(loss)  # on the device: no host sync per micro-step
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and tc.grad_clip:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                stats.add(loss_diff, ratio, aux, t, T_steps)
+            ema.update(raw)
+            step += 1
+            samples_since += G_batch
+            steps_since += 1
+            runlog.step()
 
-        # logging (rank-averaged)
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            summary = stats.reduce(accelerator)
-            dt = time.time() - t_last
-            summary.update({"lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / dt,
-                            "rho": rho, "target_n": n_eff})
-            if "tokens_kept_per_sample" in summary:
-                summary["tokens_per_s"] = summary["samples_per_s"] * summary["tokens_kept_per_sample"]
-            if grad_norm is not None:
-                summary["grad_norm"] = float(grad_norm)
-            if writer is not None:
-                for key, val in summary.items():
-                    writer.add_scalar(key if "/" in key else f"train/{key}", val, step)
-                writer.flush()
-                progress.set_postfix(loss=f"{summary['loss']:.4f}",
-                                     kept=f"{summary.get('kept_fraction', 1.0):.2f}")
-            t_last, samples_since = time.time(), 0
+            # the collective decision: every rank stops at the same step, for the same reason
+            is_log = step % tc.log_every == 0 or step == tc.max_steps
+            is_ckpt = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps
+            decision.push(step - 1, signals.received is not None)
+            stop, bad = decision.poll(wait=is_log or is_ckpt)
+            if bad is not None:
+                bad_step, bad_ranks = bad
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {bad_step} (rank {', '.join(map(str, bad_ranks))}); training "
+                    f"stopped, the last good checkpoint is "
+                    f"{latest_checkpoint(run_dir) or 'none (no checkpoint yet)'}")
+            if stop and step < tc.max_steps:
+                checkpoint(step)
+                raise TrainingPreempted(
+                    f"preempted (signal received): checkpoint at step {step} written to "
+                    f"{latest_checkpoint(run_dir)}; rerun the same command to resume")
 
-        if tc.sample_every and step % tc.sample_every == 0 and is_main:
-            _preview(cfg, task, ema.model, objective, run_dir, step, writer)
-        if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps:
-            save_checkpoint(run_dir, step, raw, ema, optimizer,
-                            {"data_position": step * G_batch, "world": world},
-                            {}, accelerator, keep=tc.ckpt_keep)
-            if is_main:
-                export_model(ema.model, run_dir / "export",
-                             extra={"task": OmegaConf.to_container(cfg.task, resolve=True),
-                                    "objective": OmegaConf.to_container(cfg.objective, resolve=True),
-                                    "step": step})
-            _fault_after_checkpoint(step)
+            # logging (rank-averaged)
+            if is_log:
+                summary = stats.reduce(accelerator)
+                dt = time.time() - t_last
+                summary.update({"lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / dt,
+                                "rho": rho, "target_n": n_eff})
+                if "tokens_kept_per_sample" in summary:
+                    summary["tokens_per_s"] = summary["samples_per_s"] * summary["tokens_kept_per_sample"]
+                if grad_norm is not None:
+                    summary["grad_norm"] = float(grad_norm)
+                if trackers:
+                    accelerator.log({key if "/" in key else f"train/{key}": val
+                                     for key, val in summary.items()}, step=step)
+                runlog.line(format_line(step, tc.max_steps, summary,
+                                        (tc.max_steps - step) * dt / max(1, steps_since)))
+                t_last, samples_since, steps_since = time.time(), 0, 0
 
-    if progress is not None:
-        progress.close()
-    if writer is not None:
-        writer.close()
+            if tc.sample_every and step % tc.sample_every == 0 and is_main:
+                _preview(cfg, task, ema.model, objective, run_dir, step, writer)
+            if is_ckpt:
+                checkpoint(step)
+                _fault_after_checkpoint(step)
+    finally:
+        signals.restore()
+        runlog.close()
+        if file_log is not None:
+            logging.getLogger("dcgen").removeHandler(file_log)
+            file_log.close()
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.trackers = []
+
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.end_training()  # destroys the process group
     if return_model:
         return run_dir, raw, ema.model
     return run_dir
+
+
+def _fault_signal(step: int, rank: int):
+    """Test hook: DCGEN_FAULT_SIGNAL_AT_STEP=<step>[:<SIGNAME>[:<rank>]] makes the process (of that
+    rank) send itself a real signal as step <step> begins (default SIGTERM, every rank)."""
+    spec = os.environ.get("DCGEN_FAULT_SIGNAL_AT_STEP")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) != step or (len(parts) > 2 and int(parts[2]) != rank):
+        return
+    import signal
+    os.kill(os.getpid(), getattr(signal, parts[1] if len(parts) > 1 else "SIGTERM"))
 
 
 def _fault_after_checkpoint(step: int):

@@ -37,19 +37,28 @@ def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tens
     the same numbers whether the model runs on CPU or GPU (reproducible sample sets).
     """
     gdev = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gdev, dtype=dtype).to(device)
+    return host_to_device(torch.randn(tuple(shape), generator=generator, device=gdev, dtype=dtype), device)
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Move a draw to `device`; a host draw goes to a GPU through pinned memory, non-blocking
+    (a pageable copy would stall the host every sampling step)."""
+    device = torch.device(device) if device is not None else t.device
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def rand(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
     """Uniform [0, 1) draw through `generator` if given (see `randn`)."""
     gdev = generator.device if generator is not None else device
-    return torch.rand(tuple(shape), generator=generator, device=gdev, dtype=dtype).to(device)
+    return host_to_device(torch.rand(tuple(shape), generator=generator, device=gdev, dtype=dtype), device)
 
 
 def randint(high: int, shape, generator=None, device=None) -> torch.Tensor:
     """Uniform integers in [0, high) through `generator` if given (see `randn`)."""
     gdev = generator.device if generator is not None else device
-    return torch.randint(0, high, tuple(shape), generator=generator, device=gdev).to(device)
+    return host_to_device(torch.randint(0, high, tuple(shape), generator=generator, device=gdev), device)
 
 
 def call_model(model, x, t, y, tail_drop=None, model_kwargs=None):
@@ -302,7 +311,8 @@ class GaussianDiffusion:
             raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
         if t.is_floating_point():
             raise ValueError("t must be integer timesteps for the Gaussian objective")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        # the range check reads values: only for host tensors, where it costs no device sync
+        if t.numel() and t.device.type == "cpu" and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(f"t must lie in [0, {self.num_timesteps})")
         return t.long()
 

@@ -25,7 +25,6 @@ Shape legend: n items in a shard, C latent channels, h, w latent grid.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dcgen.metrics import adm_center_crop  # shared with the reference images of the metrics
+from dcgen.task import draw_seed, item_generator  # noqa: F401  (per-item randomness, shared)
 
 log = logging.getLogger("dcgen.imagenet_latent")
 
@@ -129,21 +129,6 @@ def to_model_input(batch_uint8: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(batch_uint8)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
-
-
-# --------------------------------------------------------------------------------------------
-# Per-item randomness: a function of (seed, purpose, item, epoch), never of global RNG state
-# --------------------------------------------------------------------------------------------
-
-def draw_seed(seed: int, purpose: str, item: int, epoch: int = 0) -> int:
-    """A 63-bit seed for one item's draw. Hashing (rather than seed*K + item arithmetic) keeps
-    streams of different seeds, items and epochs from colliding."""
-    key = f"dcgen/{purpose}/{int(seed)}/{int(item)}/{int(epoch)}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-
-def item_generator(seed: int, purpose: str, item: int, epoch: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(draw_seed(seed, purpose, item, epoch))
 
 
 # --------------------------------------------------------------------------------------------

@@ -232,6 +232,11 @@ def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 2
     if image_dir is None and file_list is None:
         raise ValueError("dcgen prepare needs task.source.image_dir (one sub-folder per class) or "
                          "task.source.file_list")
+    # the inputs exist before the VAE (minutes to load) is touched
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise FileNotFoundError(f"task.source.image_dir={image_dir}: no such directory")
+    if file_list is not None and not Path(file_list).is_file():
+        raise FileNotFoundError(f"task.source.file_list={file_list}: no such file")
 
     # 1. VAE on every rank (a missing VAE fails everywhere, before any barrier)
     codec = _agree(state, lambda: VAECodec(vae, device=state.device, dtype=VAE_DTYPES[vae_dtype],

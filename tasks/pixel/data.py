@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dcgen.task import draw_seed, item_key
+
 log = logging.getLogger("dcgen.data")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -56,19 +58,30 @@ def _match_channels(x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what}: cannot convert {c} channels to {channels}")
 
 
+def flipped(seed: int, index: int, epoch: int) -> bool:
+    """The random horizontal flip of item `index` in `epoch`: a function of (seed, index, epoch)
+    only, so every process count, DataLoader worker count and resume draws the same flips."""
+    return draw_seed(seed, "hflip", index, epoch) & 1 == 1
+
+
 class TensorImageDataset(Dataset):
     """Images already in model space, held in memory; optional random horizontal flip."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool = False):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool = False, seed: int = 0):
         assert images.shape[0] == labels.shape[0]
-        self.images, self.labels, self.hflip = images, labels, hflip
+        self.images, self.labels, self.hflip, self.seed = images, labels, hflip, int(seed)
+
+    @property
+    def wants_epoch(self) -> bool:  # the sampler passes (index, epoch) keys: flips change per epoch
+        return self.hflip
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        i, epoch = item_key(key)
         x = self.images[i]
-        if self.hflip and torch.rand(()) < 0.5:
+        if self.hflip and flipped(self.seed, i, epoch):
             x = x.flip(-1)
         return x, self.labels[i]
 
@@ -183,8 +196,9 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, resolution: int, channels: int = 3,
                  hflip: bool = False, interpolation: str = "bicubic",
                  classes: Sequence[str] | None = None,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, seed: int = 0):
         self.root = Path(root)
+        self.seed = int(seed)
         self.classes = list(classes) if classes is not None else scan_class_folders(self.root)
         self.resolution, self.channels, self.hflip = int(resolution), int(channels), hflip
         if interpolation not in _PIL_RESAMPLE:
@@ -230,9 +244,14 @@ class ImageFolderDataset(Dataset):
         x = torch.from_numpy(a.copy()).permute(2, 0, 1)
         return x / 127.5 - 1.0
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def wants_epoch(self) -> bool:
+        return self.hflip
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        i, epoch = item_key(key)
         path, label = self.samples[i]
         x = self.load(path)
-        if self.hflip and torch.rand(()) < 0.5:
+        if self.hflip and flipped(self.seed, i, epoch):
             x = x.flip(-1)
         return x, torch.tensor(label, dtype=torch.int64)

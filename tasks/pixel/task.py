@@ -38,7 +38,7 @@ class PixelTask(Task):
     def __init__(self, source: str = "digits", root: str | Path | None = None,
                  resolution: int = 32, channels: int | None = None,
                  num_classes: int | None = None, hflip: bool = False,
-                 interpolation: str = "bicubic", max_preview: int = 64):
+                 interpolation: str = "bicubic", max_preview: int = 64, seed: int = 0):
         if source not in SOURCES:
             raise ValueError(f"pixel: source must be one of {list(SOURCES)}, got '{source}'")
         if interpolation not in INTERPOLATIONS:
@@ -54,6 +54,7 @@ class PixelTask(Task):
         self.source, self.resolution = source, int(resolution)
         self.root = Path(root).expanduser() if root is not None else None
         self.hflip, self.interpolation = bool(hflip), interpolation
+        self.seed = int(seed)  # flips are a function of (seed, index, epoch)
         self.max_preview = int(max_preview)
         self.grid = (self.resolution, self.resolution)
         self._dataset: Dataset | None = None
@@ -89,14 +90,14 @@ class PixelTask(Task):
         if self._dataset is None:
             if self.source == "folder":
                 ds = ImageFolderDataset(self.root, self.resolution, self.channels, self.hflip,
-                                        self.interpolation, classes=self.classes)
+                                        self.interpolation, classes=self.classes, seed=self.seed)
                 if self.num_classes == 0:
                     ds.samples = [(p, 0) for p, _ in ds.samples]
             else:
                 x, y = self._tensors
                 if self.num_classes == 0:
                     y = torch.zeros_like(y)
-                ds = TensorImageDataset(x, y, self.hflip)
+                ds = TensorImageDataset(x, y, self.hflip, seed=self.seed)
             self._dataset = ds
         return self._dataset
 

@@ -1,0 +1,227 @@
+"""One validation pass over a composed config, before any work is done or any file written.
+
+Each command has a table of rules, key -> what the value must be. `validate(command, cfg)` checks
+every rule whose key exists in the config and raises `ConfigError` naming the key, the bad value
+and what is expected, in one line. Keys that a config does not have (an older run dir, a task
+without that option) are skipped; unknown keys are refused earlier, at compose time (cli.py).
+
+The keys that may change when a run is restarted (the length and cadence keys) live here too:
+`RESTART_KEYS`. Anything else differing between a run dir's stored config and a new command
+refuses the restart.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config or command line; the CLI prints it as one line, exit 2."""
+
+
+# Keys that a restart of an existing run dir may change (requeue-safe resume, docs/configs.md).
+# They change how long a run goes and how often it writes, never what an optimizer step computes.
+RESTART_KEYS = (
+    "train.max_steps", "train.ckpt_every", "train.ckpt_keep", "train.sample_every",
+    "train.log_every", "train.num_workers", "train.num_threads", "train.log_with", "sample.*",
+)
+
+
+def is_restart_key(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pat) for pat in RESTART_KEYS)
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Callable[[Any], bool]
+    expected: str
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def int_(lo: int | None = None, hi: int | None = None) -> Rule:
+    def ok(v):
+        return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+    rng = (f" >= {lo}" if lo is not None and hi is None else
+           f" in [{lo}, {hi}]" if lo is not None else f" <= {hi}" if hi is not None else "")
+    return Rule(ok, f"an integer{rng}")
+
+
+def num(lo: float | None = None, hi: float | None = None, hi_open: bool = False,
+        lo_open: bool = False) -> Rule:
+    def ok(v):
+        if not _is_num(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return False
+        return True
+    if lo is not None and hi is not None:
+        rng = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f" {'>' if lo_open else '>='} {lo:g}"
+    else:
+        rng = ""
+    return Rule(ok, f"a number{rng}")
+
+
+def choice(*options) -> Rule:
+    shown = ", ".join("null" if o is None else str(o) for o in options)
+    return Rule(lambda v: not isinstance(v, bool) and v in options, f"one of {shown}")
+
+
+def boolean() -> Rule:
+    return Rule(lambda v: isinstance(v, bool), "true or false")
+
+
+def optional(rule: Rule) -> Rule:
+    return Rule(lambda v: v is None or rule.check(v), f"null or {rule.expected}")
+
+
+def either(a: Rule, b: Rule) -> Rule:
+    return Rule(lambda v: a.check(v) or b.check(v), f"{a.expected} or {b.expected}")
+
+
+def list_of(rule: Rule, nonempty: bool = False) -> Rule:
+    def ok(v):
+        return isinstance(v, (list, tuple)) and (len(v) > 0 or not nonempty) and all(rule.check(x) for x in v)
+    return Rule(ok, f"a {'non-empty ' if nonempty else ''}list of {rule.expected.removeprefix('a ').removeprefix('an ')}s")
+
+
+def path_str() -> Rule:
+    return Rule(lambda v: isinstance(v, str) and v != "", "a path")
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+TRAIN = {
+    "seed": int_(0),
+    "train.max_steps": int_(1),
+    "train.global_batch_size": int_(1),
+    "train.grad_accum_steps": int_(1),
+    "train.mixed_precision": choice(None, "auto", "no", "bf16", "fp16"),
+    "train.grad_clip": optional(num(0)),
+    "train.ema_decay": num(0, 1),
+    "train.ckpt_every": int_(0),
+    "train.ckpt_keep": int_(1),
+    "train.sample_every": int_(0),
+    "train.log_every": int_(1),
+    "train.num_workers": int_(0),
+    "train.num_threads": either(choice("auto"), int_(1)),
+    "train.label_dropout": num(0, 1),
+    "train.log_with": either(choice(None, "none", *TRACKERS), list_of(choice(*TRACKERS))),
+    "train.compile": boolean(),
+    "dc.ratio_weight": num(0),
+    "dc.target_n": num(1),
+    "dc.ratio_group_size": int_(1),
+    "dc.n_warmup_steps": int_(0),
+    "dc.n_start": num(1),
+    "dc.multi_budget": boolean(),
+    "dc.multi_budget_start_step": int_(0),
+    "dc.budgets": list_of(num(0, 1, hi_open=True)),
+    "sample.num_samples": int_(1),
+    "sample.steps": int_(1),
+    "sample.cfg_scale": num(0),
+    "optim.lr": num(0, lo_open=True),
+}
+
+_SAMPLING = {
+    "run_dir": path_str(),
+    "num_samples": int_(1),
+    "batch_size": int_(1),
+    "steps": int_(1),
+    "cfg_scale": num(0),
+    "cfg_channels": choice(None, "all", "legacy3"),
+    "tail_drop": num(0, 1, hi_open=True),
+    "tail_drop_uncond": optional(num(0, 1, hi_open=True)),
+    "seed": int_(0),
+}
+
+SAMPLE = {
+    **_SAMPLING,
+    "labels": optional(list_of(int_(0), nonempty=True)),
+    "boundary_maps": int_(0),
+    "map_timesteps": int_(1),
+}
+
+EVALUATE = {**_SAMPLING, "decode_batch_size": optional(int_(1)), "tf32": boolean()}
+
+PREPARE = {"seed": int_(0)}
+
+RULES = {"train": TRAIN, "sample": SAMPLE, "evaluate": EVALUATE, "prepare": PREPARE}
+
+_MISSING = object()
+
+
+def _value(cfg: DictConfig, key: str):
+    try:
+        node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True)
+    except Exception:  # a '???' mandatory value
+        return "???"
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def _shown(v) -> str:
+    return "null" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+
+def validate(command: str, cfg: DictConfig) -> None:
+    """Raise ConfigError for the first key of `cfg` that breaks its rule."""
+    for key, rule in RULES.get(command, {}).items():
+        v = _value(cfg, key)
+        if v is _MISSING:
+            continue
+        if v == "???":
+            what = {"sample": "the run or export directory to sample from",
+                    "evaluate": "the run or export directory to evaluate"}.get(command, rule.expected)
+            raise ConfigError(f"{key} is required: give {key}=<{what}>")
+        if not rule.check(v):
+            raise ConfigError(f"{key}={_shown(v)}: expected {rule.expected}")
+    if command == "train":
+        tc = cfg.train
+        if int(tc.global_batch_size) % int(tc.grad_accum_steps):
+            raise ConfigError(f"train.global_batch_size={tc.global_batch_size} is not divisible by "
+                              f"train.grad_accum_steps={tc.grad_accum_steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading never runs foreign code: `_target_` values from a run dir's or an export's YAML
+# ----------------------------------------------------------------------------------------------
+
+SAFE_TARGET_PREFIXES = ("dcgen.",)
+# the optimizer node of a run dir names a torch optimizer class; nothing else outside dcgen
+SAFE_OPTIM_PREFIXES = ("torch.optim.",)
+
+
+def check_targets(node, where: str, path: str = "", allowed=SAFE_TARGET_PREFIXES) -> None:
+    """Refuse any `_target_` in `node` (a dict/DictConfig, searched recursively) that does not
+    start with an allowed prefix. `where` names the file for the message."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if k == "_target_":
+                ok_prefixes = allowed + (SAFE_OPTIM_PREFIXES if path.split(".")[0] == "optim" else ())
+                if not isinstance(v, str) or not v.startswith(ok_prefixes):
+                    raise ConfigError(
+                        f"{where}: refusing {sub}={v!r}: loading builds only classes under "
+                        f"{', '.join(p + '*' for p in ok_prefixes)}")
+            else:
+                check_targets(v, where, sub, allowed)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            check_targets(v, where, f"{path}[{i}]", allowed)
