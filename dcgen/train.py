@@ -150,19 +150,21 @@ def resolve_mixed_precision(choice: str | None) -> str | None:
     return None if choice is None else resolved
 
 
-def check_distributed_mode(accelerator) -> None:
+def check_distributed_mode(accelerator=None) -> None:
     """DDP (one or many machines) and single processes are supported; sharded modes are refused
     before any work: checkpoints, export and EMA read full, unsharded parameters on rank 0."""
     from accelerate.utils import DistributedType
 
     from .validate import ConfigError
-    sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}
     for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
             raise ConfigError(f"{name} is not supported by dcgen train (checkpoints, EMA and export "
                               "need unsharded parameters); supported: one process, or DDP on one "
                               "or many machines (accelerate launch / torchrun without FSDP or "
                               "DeepSpeed)")
+    if accelerator is None:
+        return
+    sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}
     name = sharded.get(accelerator.distributed_type)
     if name:
         raise ConfigError(f"{name} is not supported by dcgen train; supported: one process, or DDP "
@@ -236,18 +238,22 @@ class _StepDecision:
     non-finite losses (which ranks), without a device sync of its own.
 
     Each micro-step ORs `isfinite(loss)` into a device flag. At the end of a step the flags of all
-    ranks are summed in one all-reduce, and the result is copied to host memory (pinned, non-
-    blocking, with an event on CUDA). It is read one step later, when it has long arrived (on CUDA
-    the next step's packing-length read already waited for it); on log and checkpoint steps it is
-    read at once, so no checkpoint is ever written after a non-finite step. Every rank reads the
-    same reduced values at the same step, so all ranks stop together."""
+    ranks are summed in one all-reduce, and the result is copied into a host buffer (pinned and
+    non-blocking on CUDA, with an event), one of two used in turn. It is read one step later, as
+    plain host memory, when it has long arrived (on CUDA the next step's packing-length read has
+    already waited for it; the event covers models without one); on log and checkpoint steps it
+    is read at once, so no checkpoint is ever written after a non-finite step. Every rank reads
+    the same reduced values at the same step, so all ranks stop together."""
 
     def __init__(self, accelerator):
         self.acc = accelerator
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.device = accelerator.device
         self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.queue: list[tuple[int, torch.Tensor, object]] = []
+        pin = self.device.type == "cuda"
+        self.buffers = [torch.zeros(self.world + 1, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
+        self.views = [b.numpy() for b in self.buffers]  # host memory, read without tensor calls
+        self.queue: list[tuple[int, int, object]] = []  # (step, buffer index, event)
 
     def mark(self, loss: torch.Tensor):
         self.bad = self.bad | ~torch.isfinite(loss.detach())
@@ -258,15 +264,13 @@ class _StepDecision:
         vec[self.rank] = self.bad.float()
         vec[W] = float(signalled)
         vec = self.acc.reduce(vec, reduction="sum")
+        slot = step % 2
+        self.buffers[slot].copy_(vec, non_blocking=self.device.type == "cuda")
         event = None
         if self.device.type == "cuda":
-            host = torch.empty(W + 1, dtype=torch.float32, pin_memory=True)
-            host.copy_(vec, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        else:
-            host = vec
-        self.queue.append((step, host, event))
+        self.queue.append((step, slot, event))
         self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def poll(self, wait: bool) -> tuple[bool, tuple[int, list[int]] | None]:
@@ -274,14 +278,14 @@ class _StepDecision:
         step older than the newest, and the newest too when `wait`."""
         stop, bad = False, None
         while self.queue and (wait or len(self.queue) > 1):
-            step, host, event = self.queue.pop(0)
+            step, slot, event = self.queue.pop(0)
             if event is not None and not event.query():
                 event.synchronize()
-            vals = host.numpy()  # host memory: no device sync (see the class docstring)
+            vals = self.views[slot]
             ranks = [r for r in range(self.world) if vals[r] > 0]
             if ranks and bad is None:
                 bad = (step, ranks)
-            stop = stop or vals[self.world] > 0
+            stop = stop or bool(vals[self.world] > 0)
         return stop, bad
 
 
@@ -368,6 +372,7 @@ def train(cfg: DictConfig, return_model: bool = False):
     # cpu=True on CPU-only machines: without it Accelerate ignores torchrun's env and each
     # process would train alone; with it, gloo runs the processes as one job
     on_cpu = not torch.cuda.is_available()
+    check_distributed_mode(None)  # the launcher's FSDP/DeepSpeed settings, before any setup
     mixed = resolve_mixed_precision(tc.get("mixed_precision"))
     trackers = _trackers(tc.get("log_with", ["tensorboard"]))
     state = PartialState(cpu=on_cpu)
