@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .diffusion.gaussian import host_to_device
+
 log = logging.getLogger("dcgen.sample")
 
 
@@ -66,8 +68,8 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
     t0 = time.time()
     for start in range(0, num_samples, batch_size):
         B = min(batch_size, num_samples - start)
-        y = labels[start:start + B].to(device) if labels is not None else None
-        noise = torch.randn(B, *shape_one, generator=gen).to(device)
+        y = host_to_device(labels[start:start + B], device) if labels is not None else None
+        noise = host_to_device(torch.randn(B, *shape_one, generator=gen), device)
         ts, kept, mean_p, flops = [], [], [], []
 
         def callback(i, t_orig, x_t, out, aux):
@@ -90,7 +92,7 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
                 mean_p.append(torch.ones(B))
 
         if record and map_calls is None:
-            n_calls = steps if sampler in ("ddpm", "ddim", "euler") else 2 * steps - 1
+            n_calls = objective.model_calls(steps, sampler)
             map_calls = set(np.linspace(0, max(n_calls - 1, 0), map_timesteps).round().astype(int).tolist())
         x = objective.sample(net, (B, *shape_one), y=y, steps=steps, method=sampler, noise=noise,
                              generator=gen, callback=callback, progress=progress, device=device)

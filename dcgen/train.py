@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .diffusion.gaussian import host_to_device
 from .ema import EMA
+from .models import DCDiT
 
 log = logging.getLogger("dcgen.train")
 
@@ -88,15 +89,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return (self.stop - self.start) * self.A
 
 
-def step_randomness(seed: int, step: int, global_batch: int, sample_shape, num_timesteps,
-                    objective, p_drop: float):
+def step_randomness(seed: int, step: int, global_batch: int, sample_shape, objective, p_drop: float):
     """Timesteps, noise and label-dropout mask for the whole global batch of `step`; each process
     slices its own rows, so the draw is identical for any number of processes."""
     g = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 17)
-    if hasattr(objective, "sample_s"):  # flow matching: continuous time
-        t = objective.sample_s(global_batch, g)
-    else:
-        t = torch.randint(0, num_timesteps, (global_batch,), generator=g)
+    t = objective.draw_timesteps(global_batch, g)  # integer t (Gaussian) or s in [0, 1] (flow)
     noise = torch.randn(global_batch, *sample_shape, generator=g)
     drop = torch.rand(global_batch, generator=g) < p_drop
     return t, noise, drop
@@ -409,7 +406,7 @@ def train(cfg: DictConfig, return_model: bool = False):
     if len(dataset) == 0:
         raise ValueError(f"task {task.name} has an empty training set")
     model = build_model(cfg, task)
-    is_dc = hasattr(model, "router")
+    is_dc = isinstance(model, DCDiT)
     objective = instantiate(cfg.objective, _convert_="all")
     if getattr(objective, "learn_sigma", False) and model.out_channels != 2 * task.channels:
         raise ValueError("objective learns sigma but the model has learn_sigma: false "
@@ -478,7 +475,7 @@ def train(cfg: DictConfig, return_model: bool = False):
                  micro, accelerator.mixed_precision, threads_note, run_dir)
 
     # 5. Loop -----------------------------------------------------------------------------------------
-    T_steps = getattr(objective, "num_timesteps", 1000)
+    t_range = objective.time_range  # kept fraction is logged in 10 buckets of t / t_range
     sample_shape = (task.channels, *task.grid)
     stats = _Stats(device=accelerator.device)
     decision = _StepDecision(accelerator)
@@ -501,7 +498,7 @@ def train(cfg: DictConfig, return_model: bool = False):
         while step < tc.max_steps:
             _fault_signal(step, rank)
             rho, n_eff = dc_schedule(dc, step) if is_dc else (0.0, dc.target_n)
-            t_all, noise_all, drop_all = step_randomness(cfg.seed, step, G_batch, sample_shape, T_steps,
+            t_all, noise_all, drop_all = step_randomness(cfg.seed, step, G_batch, sample_shape,
                                                          objective, p_drop)
             grad_norm = None
             for k in range(A):
@@ -536,7 +533,7 @@ def train(cfg: DictConfig, return_model: bool = False):
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                stats.add(loss_diff, ratio, aux, t, T_steps)
+                stats.add(loss_diff, ratio, aux, t, t_range)
             ema.update(raw)
             step += 1
             samples_since += G_batch
@@ -639,7 +636,7 @@ class _Stats:
         val = val.detach().double().to(self.device)
         self.sums[key] = self.sums[key] + val if key in self.sums else val
 
-    def add(self, loss, ratio, aux, t, T):
+    def add(self, loss, ratio, aux, t, t_range: float):
         self.n += 1
         self._acc("loss", loss)
         if ratio is not None:
@@ -655,7 +652,7 @@ class _Stats:
             self._acc("compression_natural", torch.exp(torch.log(L / nat.clamp_min(1)).mean()))
             self._acc("compression_effective", torch.exp(torch.log(L / kept.clamp_min(1)).mean()))
             self._acc("mean_p", s.boundary_prob.detach().double().mean())
-            tf = t.detach().double().to(kept.device) / (T if T > 1.5 else 1.0)
+            tf = t.detach().double().to(kept.device) / t_range
             b = (tf * self.BUCKETS).long().clamp(0, self.BUCKETS - 1).to(self.device)
             self.bucket_kept.index_add_(0, b, (kept / L).to(self.device))
             self.bucket_count.index_add_(0, b, torch.ones_like(kept, device=self.device))

@@ -222,3 +222,40 @@ def test_pixel_flips_do_not_depend_on_processes_workers_or_resume():
         assert torch.equal(one[s], resumed[s]), s
     flipped = sum(int(not torch.equal(one[s][i], noflip[s][i])) for s in range(12) for i in range(8))
     assert 20 < flipped < 76  # about half of the 96 draws flip (a few digits are symmetric)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the loop and the sampler ask of the objective
+# ----------------------------------------------------------------------------------------------
+
+def test_flow_runs_log_kept_fraction_across_t_buckets(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from dcgen.train import train
+    rd = tmp_path / "run"
+    train(compose("train", [*TOY, "objective=flow", "model.learn_sigma=false", "train.max_steps=4",
+                            "train.log_every=4", "train.ckpt_every=0", "train.log_with=[tensorboard]",
+                            f"run_dir={rd}"]))
+    acc = EventAccumulator(str(rd / "tb"))
+    acc.Reload()
+    buckets = {t for t in acc.Tags()["scalars"] if t.startswith("kept_fraction_by_t/bucket")}
+    # 32 draws of s ~ U(0, 1) fill most of the 10 buckets (all of them in bucket 0 was the bug)
+    assert len(buckets) >= 6, buckets
+
+
+@pytest.mark.parametrize("objective,sampler,steps,calls", [
+    ("flow", "heun", 3, 6), ("flow", "euler", 3, 3), ("gaussian", "ddim", 4, 4)])
+def test_boundary_maps_cover_every_model_call(objective, sampler, steps, calls):
+    from hydra.utils import instantiate
+    from dcgen.sample import generate
+    cfg = compose("train", [*TOY, f"objective={objective}"] +
+                  (["model.learn_sigma=false"] if objective == "flow" else []))
+    task = instantiate(cfg.task, _convert_="all")
+    obj = instantiate(cfg.objective, _convert_="all")
+    from dcgen.train import build_model
+    torch.manual_seed(0)
+    model = build_model(cfg, task).eval()
+    assert obj.model_calls(steps, sampler) == calls
+    res = generate(model, obj, task, num_samples=2, steps=steps, sampler=sampler, map_samples=1,
+                   map_timesteps=calls)
+    assert len(res["ts"]) == calls  # one record per model call
+    assert sorted(res["maps"]) == list(range(calls))  # the first and the last call included

@@ -51,6 +51,19 @@ class FlowMatching:
         z = randn((B,), generator, device, dtype)
         return torch.sigmoid(self.logit_mean + self.logit_std * z)
 
+    # ---- what the training loop and the sampler ask of an objective (shared with GaussianDiffusion) ----
+
+    time_range = 1.0  # training times s lie in [0, 1]
+
+    def draw_timesteps(self, B: int, generator=None) -> torch.Tensor:
+        """The training times of B samples, (B,) float, drawn through `generator`."""
+        return self.sample_s(B, generator)
+
+    @staticmethod
+    def model_calls(steps: int, method: str) -> int:
+        """Model calls of one sampling run: Euler one per step, Heun two (the last at s = 0)."""
+        return int(steps) * (2 if method == "heun" else 1)
+
     @staticmethod
     def interpolate(x0: torch.Tensor, s: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_s = (1 − s)·x_0 + s·ε."""

@@ -515,6 +515,22 @@ class GaussianDiffusion:
                 x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
         return x
 
+    # ---- what the training loop and the sampler ask of an objective (shared with FlowMatching) ----
+
+    @property
+    def time_range(self) -> float:
+        """Training timesteps lie in [0, time_range): integer t < num_timesteps."""
+        return float(self.num_timesteps)
+
+    def draw_timesteps(self, B: int, generator=None) -> torch.Tensor:
+        """The training timesteps of B samples, (B,) int64, drawn through `generator`."""
+        return randint(self.num_timesteps, (B,), generator)
+
+    @staticmethod
+    def model_calls(steps: int, method: str) -> int:
+        """Model calls of one sampling run: one per step for ddpm and ddim."""
+        return int(steps)
+
     def sample(self, model, shape, y=None, steps=250, method: str = "ddpm", **kw) -> torch.Tensor:
         """Uniform entry point shared with FlowMatching: method "ddpm" or "ddim"."""
         if method == "ddpm":
