@@ -1,4 +1,4 @@
-"""Full resumable training state, written atomically (DESIGN §5).
+"""Full resumable training state, written atomically (docs/design.md, "Training").
 
 Layout of `run_dir/checkpoints/`:
     step_00001000/   model.safetensors, ema.safetensors, optimizer.pt, state.json, rng_rank{r}.pt

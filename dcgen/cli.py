@@ -1,4 +1,4 @@
-"""`dcgen train | sample | evaluate | prepare [key=value ...]` (DESIGN §4).
+"""`dcgen train | sample | evaluate | prepare [key=value ...]` (the README lists every command).
 
 Configs ship inside the package (`dcgen.configs`) and are composed with Hydra's compose API, so
 the command works from any directory, from a non-editable install, and unchanged under

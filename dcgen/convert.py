@@ -1,4 +1,4 @@
-"""Import foreign checkpoints as dcgen models (METHOD §11, DESIGN §4).
+"""Import foreign checkpoints as dcgen models (METHOD §11).
 
 - `convert_dit`: facebookresearch/DiT files, a plain state dict (DiT-XL-2-256x256.pt) or a
   train.py checkpoint {model, ema, opt, args}; read with torch.load(weights_only=True).

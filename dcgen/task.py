@@ -1,4 +1,4 @@
-"""The Task contract (DESIGN.md §3).
+"""The Task contract (docs/adding_a_task.md).
 
 A task turns its data into model-space tensors and back. It is the only variation point besides
 the model and the objective; `dcgen` never imports a concrete task, the config names it by

@@ -1,4 +1,4 @@
-"""Rank-generic pictures of samples and router diagnostics (DESIGN §5, METHOD §8).
+"""Rank-generic pictures of samples and router diagnostics (METHOD §8).
 
 Nothing here knows about a task: inputs are plain arrays in data space ([-1, 1]) plus an explicit
 `grid`. Figures are built with the object-oriented matplotlib API (`Figure`, rendered by Agg) so
