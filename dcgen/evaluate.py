@@ -133,7 +133,8 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     Returns the output directory on the main process (None on the others)."""
     from accelerate.utils import broadcast_object_list, gather_object
 
-    from .sample import generate, load_run
+    from .models import DCDiT
+    from .sample import generate, load_run, sampling_args
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -161,8 +162,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
 
     # 2. model, objective, task ---------------------------------------------------------------------
     model, objective, task, ecfg = load_run(cfg.run_dir, device)
-    cfg_channels = cfg.cfg_channels or ecfg.get("sample", {}).get("cfg_channels", "all")
-    is_dc = hasattr(model, "router")
+    is_dc = isinstance(model, DCDiT)
     branches = cfg_branches(task.num_classes, cfg.cfg_scale)
 
     # 3. this rank's samples ----------------------------------------------------------------------
@@ -171,9 +171,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if n:
-        result = generate(model, objective, task, num_samples=n, steps=cfg.steps, sampler=cfg.sampler,
-                          cfg_scale=cfg.cfg_scale, cfg_channels=cfg_channels, tail_drop=cfg.tail_drop,
-                          tail_drop_uncond=cfg.tail_drop_uncond, seed=seed, batch_size=cfg.batch_size,
+        result = generate(model, objective, task, **sampling_args(cfg, ecfg, num_samples=n), seed=seed,
                           device=device, record=True, map_samples=0, progress=is_main,
                           flop_fn=dc_step_recorder(model, branches) if is_dc else None)
     else:
@@ -245,9 +243,10 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     if kept_steps and K:
         metrics["per_step"] = {"t": parts[0]["ts"] or next(p["ts"] for p in parts if p["ts"]),
                                "tokens_kept_mean": (np.sum(kept_steps, 0) / N).tolist()}
+    protocol = sampling_args(cfg, ecfg)
     metrics["protocol"] = {
-        "steps": cfg.steps, "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale,
-        "cfg_channels": cfg_channels, "tail_drop": cfg.tail_drop, "tail_drop_uncond": cfg.tail_drop_uncond,
+        **{k: protocol[k] for k in ("steps", "sampler", "cfg_scale", "cfg_channels", "tail_drop",
+                                    "tail_drop_uncond")},
         "seed": cfg.seed, "rank_seeds": [rank_seed(cfg.seed, world, r) for r in range(world)],
         "cfg_branches": branches, "model": type(model).__name__, "run_dir": str(cfg.run_dir),
         "flop_conventions": {"gflops_per_forward": "DiT: MACs per forward of one image (G)",

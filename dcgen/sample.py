@@ -35,6 +35,21 @@ def _wrap(model, num_classes: int, cfg_scale: float, cfg_channels: str, tail_dro
     return lambda x, t, y=None, **kw: model(x, t, None, tail_drop=tail_drop)
 
 
+SAMPLING_KEYS = ("num_samples", "batch_size", "steps", "sampler", "cfg_scale", "cfg_channels",
+                 "tail_drop", "tail_drop_uncond")
+
+
+def sampling_args(node, export_cfg: dict | None = None, **changes) -> dict:
+    """The keyword arguments of `generate` from a sampling node (configs/sampling/default.yaml,
+    as composed into sample.yaml, evaluate.yaml or train.yaml's `sample:`). cfg_channels null
+    takes the export's setting. `changes` replace keys (e.g. a process's share of num_samples)."""
+    args = {k: node[k] for k in SAMPLING_KEYS if k in node}
+    if args.get("cfg_channels") is None:
+        args["cfg_channels"] = ((export_cfg or {}).get("sample") or {}).get("cfg_channels", "all")
+    args.update(changes)
+    return args
+
+
 @torch.no_grad()
 def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sampler: str = "ddpm",
              cfg_scale: float = 1.0, cfg_channels: str = "all", tail_drop: float = 0.0,
@@ -170,15 +185,11 @@ def sample_command(cfg: DictConfig) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = pick_device(cfg.device)
     model, objective, task, ecfg = load_run(cfg.run_dir, device)
-    cfg_channels = cfg.cfg_channels or ecfg.get("sample", {}).get("cfg_channels", "all")
     out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "samples" / time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = generate(model, objective, task, num_samples=cfg.num_samples, steps=cfg.steps,
-                      sampler=cfg.sampler, cfg_scale=cfg.cfg_scale, cfg_channels=cfg_channels,
-                      tail_drop=cfg.tail_drop, tail_drop_uncond=cfg.tail_drop_uncond,
-                      labels=cfg.labels, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-                      record=True, map_samples=cfg.boundary_maps, map_timesteps=cfg.map_timesteps,
-                      progress=True)
+    result = generate(model, objective, task, **sampling_args(cfg, ecfg), labels=cfg.labels,
+                      seed=cfg.seed, device=device, record=True, map_samples=cfg.boundary_maps,
+                      map_timesteps=cfg.map_timesteps, progress=True)
     data = task.decode(result["samples"].to(device)).cpu()
     files = task.write_samples(data, out_dir, labels=result["labels"])
     np.save(out_dir / "samples_model_space.npy", result["samples"].numpy())

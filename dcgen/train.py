@@ -677,11 +677,9 @@ class _Stats:
 @torch.no_grad()
 def _preview(cfg, task, model, objective, run_dir: Path, step: int, writer):
     """A few samples from the EMA weights, written by the task and logged to TensorBoard."""
-    from .sample import generate
+    from .sample import generate, sampling_args
     out_dir = run_dir / "samples" / f"step_{step:08d}"
-    s = cfg.sample
-    result = generate(model, objective, task, num_samples=s.num_samples, steps=s.steps,
-                      sampler=s.sampler, cfg_scale=s.cfg_scale, seed=cfg.seed, record=False)
+    result = generate(model, objective, task, **sampling_args(cfg.sample), seed=cfg.seed, record=False)
     data = task.decode(result["samples"])
     task.write_samples(data, out_dir, labels=result["labels"])
     if writer is not None and data.dim() == 4 and data.shape[1] in (1, 3):
