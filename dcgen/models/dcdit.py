@@ -16,7 +16,8 @@ from ..chunking.chunk import ChunkIndex, ChunkLayer, DeChunkLayer, ste
 from ..chunking.router import build_router
 from .attention import PackInfo
 from .dit import ConditionedModel, DiTBlock, init_block_adaln, init_conditioning, init_dit_linears
-from .layers import ConvStack, FinalLayer, LabelEmbedder, PatchEmbedND, RMSNorm, TimestepEmbedder, unpatchify
+from .layers import (ConvStack, FinalLayer, LabelEmbedder, PatchEmbedND, RMSNorm, TimestepEmbedder,
+                     fp32_call, unpatchify)
 
 
 @dataclass
@@ -107,38 +108,52 @@ class DCDiT(ConditionedModel):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 tail_drop=0.0):
+        with self.precision_context(x):
+            return self._forward(x, t, y, tail_drop)
+
+    def _forward(self, x, t, y, tail_drop):
+        # Precision (docs/design.md, "Precision under autocast"): convs and Linears in the
+        # autocast dtype; router, de-chunk, residual projection and merge in fp32 with autocast
+        # off; the backbone's residual stream in fp32.
         grid = self.grid
+        dev = x.device.type
         c = self.conditioning(t, y)  # (B, D)
         c_new = self.cond_adaptor(c) if self.cond_adaptor is not None else c
 
         # 1. full-resolution encoder
         h = self.x_embedder(x)  # (B, L, D_e)
-        e = self.encoder(h, c_new, grid)  # (B, L, D)
-        with torch.autocast(x.device.type, enabled=self.residual_autocast and torch.is_autocast_enabled(x.device.type)):
-            res = self.residual_proj(e if self.residual_autocast else e.float())  # (B, L, D)
+        e = self.encoder(h, c_new, grid)  # (B, L, D), autocast dtype under autocast
+        if self.residual_autocast:  # [R] Q3: the projection runs in the autocast dtype
+            res = self.residual_proj(e)  # (B, L, D)
+        else:
+            with torch.autocast(dev, enabled=False):
+                res = fp32_call(self.residual_proj, e.float())  # (B, L, D) fp32
 
         # 2. route and chunk
-        route = self.router(e, grid)  # p, natural mask, kappa: (B, L)
-        z, idx = self.chunk(e, route, grid, tail_drop)  # (T, D)
+        route = fp32_call(self.router, e, grid)  # p, natural mask, kappa: (B, L) fp32
+        z, idx = self.chunk(e, route, grid, tail_drop)  # (T, D), a gather: e's dtype
         pack = PackInfo.from_chunk_index(idx)
 
-        # 3. backbone on the kept tokens, position embedding at their original coordinates
-        z = z + self.pos_embed[idx.pos_idx].to(z.dtype)  # (T, D)
-        for blk in self.blocks:
-            z = blk(z, c, pack)  # (T, D)
+        # 3. backbone on the kept tokens, position embedding at their original coordinates; the
+        # add promotes the chunk to the fp32 residual stream (never the table down to bf16)
+        sd = self.stream_dtype
+        z = z.to(sd) + self.pos_embed[idx.pos_idx].to(sd)  # (T, D) fp32
+        z = self.run_blocks(z, c, pack)  # (T, D) fp32
         z = self.backbone_norm(z)
 
         # 4. de-chunk, STE-weighted residual merge (fp32), decoder
         zt = self.dechunk(z, idx, route.boundary_prob)  # (B, L, D) fp32
-        kappa = ste(route.selected_probs)[..., None]  # forward 1, gradient to p
-        if self.residual_autocast:  # [R] Q3: merge in the residual's dtype
-            y_ = (zt.to(res.dtype) * kappa.to(res.dtype) + res).float()
+        kappa = ste(route.selected_probs)[..., None]  # fp32 ones, gradient to p
+        if self.residual_autocast:
+            # [R] Q3: h.to(residual.dtype) * ste(p) + residual: zt is rounded to the residual's
+            # dtype, but ste(p) is fp32, so the product and the sum are promoted to fp32
+            y_ = zt.to(res.dtype) * kappa + res  # (B, L, D) fp32
         else:
-            y_ = zt * kappa + res.float()
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-            else x.dtype
-        h = self.decoder(y_.to(dtype), c_new, grid)  # (B, L, D_e)
-        out = self.final_layer(h, c_new)  # (B, L, prod(P) * 2C)
+            y_ = zt * kappa + res  # (B, L, D) fp32
+        # the decoder takes the merge in the weights' dtype: fp32 for an fp32 model, also under
+        # autocast (as [R]; autocast casts per op); bf16 for a bf16-weight model
+        h = self.decoder(y_.to(self.param_dtype), c_new, grid)  # (B, L, D_e)
+        out = self.final_layer(h, c_new)  # (B, L, prod(P) * 2C), autocast dtype under autocast
         out = unpatchify(out, grid, self.patch, self.out_channels)
         return out, [self.stage_aux(route, idx)]
 

@@ -5,12 +5,14 @@ Shape legend: B batch, L tokens per sample, T packed tokens, D width, H heads, d
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..chunking import grid as G
-from .attention import PackInfo, varlen_attention
+from .attention import BucketedPack, PackInfo, bucketed_attention, varlen_attention
 from .layers import FinalLayer, LabelEmbedder, PatchEmbedND, TimestepEmbedder, modulate, unpatchify
 
 # (hidden_size, depth, num_heads) of the DiT family ([DiT] Table 1); DC-DiT uses the same backbones.
@@ -28,9 +30,9 @@ class Attention(nn.Module):
         self.backend = backend
         self.qkv_bf16 = qkv_bf16  # [R] Q4: q/k/v always cast to bf16 before the kernel
 
-    def forward(self, x: torch.Tensor, pack: PackInfo | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pack: PackInfo | BucketedPack | None = None) -> torch.Tensor:
         H = self.num_heads
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # autocast dtype under autocast
         if pack is None:  # dense (B, L, D)
             B, L, D = x.shape
             q, k, v = qkv.view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, L, d) each
@@ -45,7 +47,8 @@ class Attention(nn.Module):
             dtype = q.dtype
             if self.qkv_bf16:
                 q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-            o = varlen_attention(q, k, v, pack, self.backend).to(dtype).reshape(T, D)
+            attend = bucketed_attention if isinstance(pack, BucketedPack) else varlen_attention
+            o = attend(q, k, v, pack, self.backend).to(dtype).reshape(T, D)
         return self.proj(o)
 
 
@@ -63,7 +66,10 @@ class DiTBlock(nn.Module):
     """x += gate1 * Attn(modulate(LN(x))); x += gate2 * MLP(modulate(LN(x))).
 
     The six modulation vectors are computed once per sample from c and, on packed input,
-    expanded to tokens through the token -> sample map (never computed per token)."""
+    expanded to tokens through the token -> sample map (never computed per token).
+    Precision: x is the residual stream and stays fp32 under autocast (its dtype is the input's);
+    the branches (Linears, attention, MLP) run in the autocast dtype, their gated outputs are
+    added to x with type promotion, so every residual add is fp32."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend="auto",
                  qkv_bf16: bool = False):
@@ -74,7 +80,8 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, pack: PackInfo | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                pack: PackInfo | BucketedPack | None = None) -> torch.Tensor:
         mod = self.adaLN_modulation(c)  # (B, 6D)
         # index_select is several times faster than advanced indexing for this row gather
         mod = mod[:, None] if pack is None else torch.index_select(mod, 0, pack.batch_idx)
@@ -104,7 +111,37 @@ def init_block_adaln(blocks, mode: str = "zero"):
 
 
 class ConditionedModel(nn.Module):
-    """Shared conditioning c = t_emb (+ y_emb) of DiT and DC-DiT."""
+    """Shared conditioning c = t_emb (+ y_emb) of DiT and DC-DiT, and the precision rules both
+    follow (docs/design.md, "Precision under autocast")."""
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.t_embedder.mlp[0].weight.dtype
+
+    @property
+    def stream_dtype(self) -> torch.dtype:
+        """Dtype of the backbone's residual stream: fp32 (fp64 for an fp64 model), never the
+        autocast dtype."""
+        return torch.promote_types(self.param_dtype, torch.float32)
+
+    def precision_context(self, x: torch.Tensor):
+        """A model whose weights are bf16/fp16 (e.g. `load_model(dtype=torch.bfloat16)`, FSDP
+        with a half param dtype) computes as the fp32 model would under autocast to that dtype:
+        same fp32 islands and fp32 residual stream, weights rounded. Called outside autocast,
+        its forward therefore runs under that autocast; otherwise nothing changes."""
+        dt = self.param_dtype
+        if dt in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type):
+            return torch.autocast(x.device.type, dtype=dt)
+        return contextlib.nullcontext()
+
+    def run_blocks(self, h: torch.Tensor, c: torch.Tensor, pack: PackInfo | None = None) -> torch.Tensor:
+        """The DiT blocks, eager or compiled (`dcgen.models.compile.compile_backbone`)."""
+        spec = getattr(self, "_backbone_compile", None)
+        if spec is not None and spec.active():
+            return spec.run(self.blocks, h, c, pack)
+        for blk in self.blocks:
+            h = blk(h, c, pack)
+        return h
 
     def conditioning(self, t, y):
         c = self.t_embedder(t)  # (B, D)
@@ -164,9 +201,10 @@ class DiT(ConditionedModel):
         if (torch.is_tensor(tail_drop) and bool((tail_drop != 0).any())) or \
                 (not torch.is_tensor(tail_drop) and tail_drop != 0):
             raise ValueError("tail_drop needs a DC-DiT; a DiT has a fixed token count")
-        h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
-        c = self.conditioning(t, y)  # (B, D)
-        for blk in self.blocks:
-            h = blk(h, c)  # (B, L, D)
-        h = self.final_layer(h, c)  # (B, L, prod(P) * 2C)
-        return unpatchify(h, self.grid, self.patch, self.out_channels), []
+        with self.precision_context(x):
+            sd = self.stream_dtype  # the residual stream is fp32 under autocast
+            h = self.x_embedder(x).to(sd) + self.pos_embed.to(sd)  # (B, L, D)
+            c = self.conditioning(t, y)  # (B, D)
+            h = self.run_blocks(h, c)  # (B, L, D)
+            h = self.final_layer(h, c)  # (B, L, prod(P) * 2C), autocast dtype under autocast
+            return unpatchify(h, self.grid, self.patch, self.out_channels), []

@@ -20,6 +20,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def fp32_call(module: nn.Module, *args):
+    """Call `module` with fp32 parameters: how the fp32 islands (router, residual_proj) run in a
+    model whose weights were cast to another dtype. Free (a plain call) when they already are fp32;
+    otherwise the module runs on fp32 copies (gradients still reach the original weights)."""
+    params = dict(module.named_parameters())
+    if all(p.dtype == torch.float32 for p in params.values()):
+        return module(*args)
+    return torch.func.functional_call(module, {k: p.float() for k, p in params.items()}, args)
+
+
 class TimestepEmbedder(nn.Module):
     """256-dim [cos | sin] sinusoid of t followed by Linear -> SiLU -> Linear (DiT)."""
 
@@ -40,7 +50,8 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sinusoid(t, self.freq_dim))  # (B, D)
+        # the fp32 sinusoid in the weights' dtype (a no-op for fp32 weights; autocast casts anyway)
+        return self.mlp(self.sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):

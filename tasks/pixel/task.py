@@ -122,10 +122,26 @@ class PixelTask(Task):
             paths.append(viz.save_image(x[i], out / "images" / f"{i:0{width}d}.png"))
         return paths
 
-    def evaluate(self, samples: torch.Tensor, out_dir: str | Path, **kwargs: Any) -> dict:
-        """Nothing yet: FID/IS for pixel images come from the shared metrics module (a later
-        addition), which reads the `images/` folder written by `write_samples`."""
-        return {}
+    def evaluate(self, samples: torch.Tensor | None, out_dir: str | Path, labels=None,
+                 **kwargs: Any) -> dict:
+        """Digits: `class_accuracy`, the fraction of samples that a classifier fitted on the
+        digits reads as the label they were conditioned on (`labels`, else `out_dir/labels.npy`;
+        samples None: `out_dir/samples.npy`). {} for other sources and unlabelled samples.
+        FID/IS for pixel images are not computed here (dcgen.metrics.evaluate_images reads the
+        `images/` folder written by `write_samples`)."""
+        if self.source != "digits" or self.num_classes == 0:
+            return {}
+        import numpy as np
+
+        from .metrics import digit_class_accuracy
+        out = Path(out_dir)
+        if labels is None:
+            if not (out / "labels.npy").is_file():
+                return {}
+            labels = np.load(out / "labels.npy")
+        if samples is None:
+            samples = np.load(out / "samples.npy")
+        return {"class_accuracy": digit_class_accuracy(samples, labels)}
 
     def describe(self) -> dict:
         d = super().describe()
