@@ -394,3 +394,20 @@ def test_run_dir_config_with_foreign_target_is_refused_on_resume(trained_export,
     (rd / "config.yaml").write_text(yaml.safe_dump(cfg))
     code, err = run_main(["train", f"run_dir={rd}", "train.max_steps=2"], capsys)
     assert code == 2 and "os.system" in err[0]
+
+
+@pytest.mark.parametrize("arch", ["dcdit", "dit"])
+def test_model_rejects_wrong_grid_and_labels_with_a_clear_error(arch):
+    from dcgen.models import DCDiT, DiT
+    cls = DCDiT if arch == "dcdit" else DiT
+    kw = dict(norm_groups=8) if arch == "dcdit" else dict(patch_size=2)
+    m = cls(input_size=(8, 8), in_channels=3, num_classes=10, hidden_size=32, depth=1, num_heads=2, **kw)
+    t = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(2, 3, 8, 6\).*\(B, 3, 8, 8\)"):
+        m(torch.zeros(2, 3, 8, 6), t, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 10\].*\[3, 11\]"):
+        m(torch.zeros(2, 3, 8, 8), t, torch.tensor([3, 11]))
+    with pytest.raises(ValueError, match=r"\[0, 10\].*\[-1, 3\]"):
+        m(torch.zeros(2, 3, 8, 8), t, torch.tensor([3, -1]))
+    out, _ = m(torch.zeros(2, 3, 8, 8), t, torch.tensor([3, 10]))  # 10 = the null label
+    assert out.shape[:2] == (2, 6)

@@ -104,14 +104,15 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "uniq
 def _host_by_design(stack) -> bool:
     """Reads of tensors that live on the host on every device: the optimizer's step counters
     (torch.optim keeps them on the CPU unless capturable), the data order (a CPU permutation),
-    and the objective's argument check, which reads values only of host tensors."""
+    and the objective's and the model's argument checks, which read values only of host
+    tensors (skipped for GPU tensors)."""
     for f in stack:
         fn = f.filename.replace("\\", "/")
         if "/torch/optim/" in fn or "/torch/utils/data/" in fn:
             return True
         if fn.endswith("dcgen/train.py") and f.name in ("_index", "__iter__"):
             return True
-        if f.name == "_check_t":
+        if f.name in ("_check_t", "check_inputs"):  # value checks run on host tensors only
             return True
     return False
 

@@ -108,6 +108,7 @@ class DCDiT(ConditionedModel):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 tail_drop=0.0):
+        self.check_inputs(x, t, y)
         with self.precision_context(x):
             return self._forward(x, t, y, tail_drop)
 

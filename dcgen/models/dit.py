@@ -143,6 +143,26 @@ class ConditionedModel(nn.Module):
             h = blk(h, c, pack)
         return h
 
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+        """ValueError for inputs that do not fit the model: the shape of x against the model's
+        (in_channels, *input grid), the shapes of t and y, and labels outside [0, num_classes]
+        (num_classes is the null label). Label values are read only from host tensors: on a GPU
+        the read would stall the host every forward (generate() and the tasks check labels)."""
+        want = (self.in_channels, *(g * p for g, p in zip(self.grid, self.patch)))
+        if x.dim() != len(want) + 1 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x has shape {tuple(x.shape)} but the model takes (B, {', '.join(map(str, want))})")
+        B = x.shape[0]
+        if t.shape != (B,):
+            raise ValueError(f"t has shape {tuple(t.shape)}, expected ({B},) for x of shape {tuple(x.shape)}")
+        if self.y_embedder is None:
+            return
+        if y is None or y.shape != (B,):
+            raise ValueError(f"y has shape {None if y is None else tuple(y.shape)}, expected ({B},) "
+                             f"class labels in [0, {self.num_classes}] ({self.num_classes} = null)")
+        if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
+                             f"got values in [{int(y.min())}, {int(y.max())}]")
+
     def conditioning(self, t, y):
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
@@ -201,6 +221,7 @@ class DiT(ConditionedModel):
         if (torch.is_tensor(tail_drop) and bool((tail_drop != 0).any())) or \
                 (not torch.is_tensor(tail_drop) and tail_drop != 0):
             raise ValueError("tail_drop needs a DC-DiT; a DiT has a fixed token count")
+        self.check_inputs(x, t, y)
         with self.precision_context(x):
             sd = self.stream_dtype  # the residual stream is fp32 under autocast
             h = self.x_embedder(x).to(sd) + self.pos_embed.to(sd)  # (B, L, D)
