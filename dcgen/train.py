@@ -112,6 +112,18 @@ def build_model(cfg: DictConfig, task):
     return instantiate(cfg.model, **kw, _convert_="all")
 
 
+def param_groups(model, cfg: DictConfig) -> list:
+    """The optimizer's parameter groups: one, or two when `train.label_lr_mult` != 1 (the label
+    table at lr x label_lr_mult: its gradient is a small, noisy part of the loss)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    mult = float(cfg.train.get("label_lr_mult", 1.0))
+    if mult == 1.0 or getattr(model, "y_embedder", None) is None:
+        return params
+    table = {id(p) for p in model.y_embedder.parameters()}
+    return [{"params": [p for p in params if id(p) not in table]},
+            {"params": [p for p in params if id(p) in table], "lr": float(cfg.optim.lr) * mult}]
+
+
 def native_bf16() -> bool:
     """bf16 autocast is worth it only where the GPU computes bf16 natively (Ampere and newer);
     V100 and T4 emulate it, slower than fp32. Capability probe, not a version check."""
@@ -424,7 +436,7 @@ def train(cfg: DictConfig, return_model: bool = False):
         upcycle_report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
         distill_steps = int(init.get("distill_steps", 0))
     ema = EMA(model, tc.ema_decay)
-    optimizer = instantiate(cfg.optim)(params=[p for p in model.parameters() if p.requires_grad])
+    optimizer = instantiate(cfg.optim)(params=param_groups(model, cfg))
     n_params = sum(p.numel() for p in model.parameters())
     if tc.get("compile", False):
         from .models.compile import compile_backbone

@@ -120,6 +120,7 @@ TRAIN = {
     "train.num_workers": int_(0),
     "train.num_threads": either(choice("auto"), int_(1)),
     "train.label_dropout": num(0, 1),
+    "train.label_lr_mult": num(0, lo_open=True),
     "train.log_with": either(choice(None, "none", *TRACKERS), list_of(choice(*TRACKERS))),
     "train.compile": boolean(),
     "dc.ratio_weight": num(0),

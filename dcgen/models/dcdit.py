@@ -55,7 +55,7 @@ class DCDiT(ConditionedModel):
                  # compatibility with the reference code (METHOD §11); defaults are the clean behaviour
                  block_adaln_init: str = "zero", residual_proj_init: str = "zero",
                  residual_autocast: bool = False, attn_qkv_bf16: bool = False,
-                 tail_drop_protect_forced: bool = True):
+                 tail_drop_protect_forced: bool = True, class_embed_std: float = 0.02):
         super().__init__()
         self.config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in locals().items()
                        if k not in ("self", "__class__")}
@@ -68,6 +68,7 @@ class DCDiT(ConditionedModel):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes = num_classes
         self.residual_autocast = residual_autocast
+        self.class_embed_std = float(class_embed_std)
 
         self.x_embedder = PatchEmbedND(in_channels, De, self.patch, mode=patch_mode)
         self.grid = self.x_embedder.token_grid(spatial)
@@ -97,7 +98,7 @@ class DCDiT(ConditionedModel):
     def initialize_weights(self, block_adaln_init: str = "zero", residual_proj_init: str = "zero"):
         init_dit_linears(self)  # convs keep PyTorch's default init
         self.x_embedder.reset_parameters()
-        init_conditioning(self.t_embedder, self.y_embedder)
+        init_conditioning(self.t_embedder, self.y_embedder, self.class_embed_std)
         init_block_adaln(self.blocks, block_adaln_init)  # adaLN-Zero; [R] keeps Xavier (Q1)
         if residual_proj_init == "zero":  # H-Net's intent; [R] overwrites it with Xavier (Q2)
             nn.init.zeros_(self.residual_proj.weight)

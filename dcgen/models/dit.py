@@ -170,11 +170,14 @@ class ConditionedModel(nn.Module):
         return c
 
 
-def init_conditioning(t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder | None):
+def init_conditioning(t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder | None,
+                      class_embed_std: float = 0.02):
+    """DiT's N(0, 0.02) for the timestep MLP; the label table's std is a model argument (DiT and
+    the paper use 0.02; small, short runs may need larger label codes to use the label at all)."""
     nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
     if y_embedder is not None:
-        nn.init.normal_(y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(y_embedder.embedding_table.weight, std=class_embed_std)
 
 
 class DiT(ConditionedModel):
@@ -184,13 +187,15 @@ class DiT(ConditionedModel):
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, patch_size=2, learn_sigma: bool = True,
                  class_dropout_prob: float = 0.1, attn_backend: str = "auto",
-                 block_adaln_init: str = "zero"):
+                 block_adaln_init: str = "zero", class_embed_std: float = 0.02):
         super().__init__()
         self.config = dict(
             input_size=list(input_size), in_channels=in_channels, num_classes=num_classes,
             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             patch_size=patch_size, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
-            attn_backend=attn_backend, block_adaln_init=block_adaln_init)
+            attn_backend=attn_backend, block_adaln_init=block_adaln_init,
+            class_embed_std=class_embed_std)
+        self.class_embed_std = float(class_embed_std)
         spatial = G.check_grid(input_size)
         n = len(spatial)
         self.patch = G.per_axis(patch_size, n, "patch_size")
@@ -212,7 +217,7 @@ class DiT(ConditionedModel):
     def initialize_weights(self, block_adaln_init: str = "zero"):
         init_dit_linears(self)
         self.x_embedder.reset_parameters()
-        init_conditioning(self.t_embedder, self.y_embedder)
+        init_conditioning(self.t_embedder, self.y_embedder, self.class_embed_std)
         init_block_adaln(self.blocks, block_adaln_init)
         self.final_layer.zero_init()
 
