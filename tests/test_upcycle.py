@@ -146,3 +146,40 @@ def test_upcycled_training_run(tmp_path, monkeypatch):
     assert not torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert saved.model.cond_adaptor is True and saved.init.distill_steps == 2
+
+
+def test_distill_terms_against_an_independent_computation():
+    """The distillation target recomputed without dcgen's diffusion code: the linear beta schedule
+    and x_t written out by hand (float64), flow's x_s = (1 - s) x0 + s eps at model time 999 s."""
+    import math
+    from dcgen.diffusion import FlowMatching, GaussianDiffusion
+    torch.manual_seed(1)
+    teacher = DiT(input_size=(8, 8), in_channels=4, num_classes=3, hidden_size=64, depth=2, num_heads=4).eval()
+    for p in teacher.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    student = DCDiT(input_size=(8, 8), in_channels=4, num_classes=3, hidden_size=64, depth=2, num_heads=4,
+                    norm_groups=8, cond_adaptor=True, pe_coord_scale=0.5)
+    init_from_dit(student, teacher)
+    student.eval()
+    x0, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 2, 3])
+    noise = torch.randn_like(x0)
+    t = [7, 420, 998]
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]  # DiT's linear schedule
+    abar = [math.prod(1 - b for b in betas[:i + 1]) for i in t]
+    x_t = torch.stack([math.sqrt(a) * x0[j].double() + math.sqrt(1 - a) * noise[j].double()
+                       for j, a in enumerate(abar)]).float()
+    terms, _ = distill_terms(GaussianDiffusion(), student, teacher, x0, y, t=torch.tensor(t), noise=noise)
+    with torch.no_grad():
+        s_out = student(x_t, torch.tensor(t), y)[0].double()
+        t_out = teacher(x_t, torch.tensor(t), y)[0].double()
+    want = ((s_out - t_out) ** 2).mean(dim=(1, 2, 3))
+    assert want.min() > 0  # a real difference to match
+    assert torch.allclose(terms["loss"].double(), want, rtol=1e-4, atol=1e-7)
+    want_eps = ((s_out[:, :4] - t_out[:, :4]) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(terms["mse"].double(), want_eps, rtol=1e-4, atol=1e-7)
+    s = torch.tensor([0.1, 0.5, 0.9])
+    x_s = (1 - s.view(3, 1, 1, 1)) * x0 + s.view(3, 1, 1, 1) * noise
+    terms, _ = distill_terms(FlowMatching(), student, teacher, x0, y, t=s, noise=noise)
+    with torch.no_grad():
+        want = ((student(x_s, 999 * s, y)[0] - teacher(x_s, 999 * s, y)[0]).double() ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(terms["loss"].double(), want, rtol=1e-4, atol=1e-7)
