@@ -128,15 +128,15 @@ def compose(config_name: str, overrides: list[str], record_choices: bool = False
     with initialize_config_module("dcgen.configs", version_base=None):
         try:
             base = hydra_compose(config_name, group_ovs)
-        except HydraException as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
+        except Exception as e:  # Hydra's errors, and YAML errors of a (user's) config file
+            raise ConfigError(" ".join(str(e).split())[:400]) from None
         _check_keys(base, parsed, f"{config_name}.yaml")
         try:
             cfg = hydra_compose(config_name, overrides, return_hydra_config=True)
         except HydraException as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         except Exception as e:  # omegaconf validation errors carry several lines
-            raise ConfigError(str(e).splitlines()[0]) from None
+            raise ConfigError(" ".join(str(e).split())[:400]) from None
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
                if not k.startswith("hydra/")}
     with open_dict(cfg):
