@@ -576,7 +576,8 @@ def reference_features(reference, extractor, size: int | None = None, weights=No
 # --------------------------------------------------------------------------------------------
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """torch-fidelity's FID from two Gaussians, in float64. If the matrix square root goes
+    """The Fréchet distance of dcgen (FID, per-frame FID, FVD): torch-fidelity's arithmetic on two
+    Gaussians, in float64. If the matrix square root goes
     non-finite (near-singular covariances of small sets), retry with 1e-6·I added to both."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     s1 = {"mu": np.asarray(mu1, np.float64), "sigma": np.atleast_2d(np.asarray(sigma1, np.float64))}
@@ -589,7 +590,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         log.warning("FID was not finite; retrying with 1e-6 added to the covariance diagonals")
         fid = fid_statistics_to_metric({**s1, "sigma": s1["sigma"] + eye},
                                        {**s2, "sigma": s2["sigma"] + eye}, False)[KEY_METRIC_FID]
-    return float(fid)
+    if not math.isfinite(fid):
+        raise ValueError("Fréchet distance is not finite (NaN/Inf in the features?)")
+    return max(float(fid), 0.0)  # a small negative value is round-off of a zero distance
 
 
 def frechet_distance_low_rank(f1: torch.Tensor, f2: torch.Tensor) -> float:

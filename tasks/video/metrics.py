@@ -53,51 +53,8 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def _trace_sqrt_product_eigh(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr((s1 s2)^1/2) = tr((s1^1/2 s2 s1^1/2)^1/2), via symmetric eigendecompositions only:
-    exact for PSD inputs and free of complex round-off (the fallback path)."""
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = r1 @ s2 @ r1
-    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + tr(s1 + s2 - 2 (s1 s2)^1/2) in float64 with scipy.linalg.sqrtm.
-
-    Guards: a non-finite square root is retried with `eps` added to both diagonals; an
-    imaginary part above 1e-3 (relative), or a still non-finite result, falls back to the exact
-    eigendecomposition form. Small negative results (round-off) are clamped to 0."""
-    from scipy import linalg
-    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
-    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {s1.shape} vs {s2.shape}")
-    diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "matrix is singular": handled below
-        covmean = linalg.sqrtm(s1 @ s2)
-        if not np.isfinite(covmean).all():
-            off = np.eye(s1.shape[0]) * eps
-            covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    tr_covmean = None
-    if np.isfinite(covmean).all():
-        if np.iscomplexobj(covmean):
-            scale = max(1.0, float(np.abs(covmean.real).max()))
-            if np.abs(covmean.imag).max() > 1e-3 * scale:
-                log.warning("frechet_distance: sqrtm has an imaginary part of %.3g; using the "
-                            "eigendecomposition form", float(np.abs(covmean.imag).max()))
-            else:
-                tr_covmean = float(np.trace(covmean.real))
-        else:
-            tr_covmean = float(np.trace(covmean))
-    if tr_covmean is None:
-        tr_covmean = _trace_sqrt_product_eigh(s1, s2)
-    d = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-    if not math.isfinite(d):
-        raise ValueError("frechet_distance: the result is not finite (NaN/Inf in the features?)")
-    return max(d, 0.0)
+# The one Fréchet distance of dcgen (torch-fidelity's arithmetic, in float64), for FVD as for FID.
+from dcgen.metrics import frechet_distance  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
