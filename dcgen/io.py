@@ -23,7 +23,7 @@ _EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE}
 
 
 # --------------------------------------------------------------------------------------------
-# helpers shared with dcgen.convert
+# helpers shared with dcgen.compat.convert
 # --------------------------------------------------------------------------------------------
 
 def _listing(keys, limit: int = 8) -> str:

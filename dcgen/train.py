@@ -430,7 +430,7 @@ def train(cfg: DictConfig, return_model: bool = False):
     init = cfg.get("init") or {}
     upcycle_report = None
     if init.get("from_dit"):  # upcycling a pretrained DiT (METHOD §9.1)
-        from .upcycle import init_from_dit, load_dit_teacher
+        from .compat.upcycle import init_from_dit, load_dit_teacher
         teacher = load_dit_teacher(init.from_dit, device=accelerator.device,
                                    num_heads=model.config["num_heads"])
         upcycle_report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
@@ -527,7 +527,7 @@ def train(cfg: DictConfig, return_model: bool = False):
                     if teacher is not None and step >= distill_steps:
                         teacher = None  # distillation over: free the teacher's memory
                     if teacher is not None:  # distillation warm-up
-                        from .upcycle import distill_terms
+                        from .compat.upcycle import distill_terms
                         terms, aux = distill_terms(objective, model, teacher, x, y, t=t, noise=noise,
                                                    tail_drop=rho)
                     else:

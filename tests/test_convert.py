@@ -1,4 +1,4 @@
-"""Checkpoint export/load (dcgen.io) and import of foreign checkpoints (dcgen.convert).
+"""Checkpoint export/load (dcgen.io) and import of foreign checkpoints (dcgen.compat.convert).
 
 The foreign layouts are generated here from their own descriptions (facebookresearch/DiT's
 module list; METHOD §11's parameter table of [R]), independent of dcgen's module names.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dcgen.convert import (ConfigPlaceholder, convert_amd_dcdit, convert_dit, load_reference_checkpoint,
+from dcgen.compat.convert import (ConfigPlaceholder, convert_amd_dcdit, convert_dit, load_reference_checkpoint,
                            map_amd_dcdit_state)
 from dcgen.io import export_model, load_model, read_export_config
 from dcgen.models import build_model

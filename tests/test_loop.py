@@ -260,3 +260,14 @@ def test_boundary_maps_cover_every_model_call(objective, sampler, steps, calls):
                    map_timesteps=calls)
     assert len(res["ts"]) == calls  # one record per model call
     assert sorted(res["maps"]) == list(range(calls))  # the first and the last call included
+
+
+def test_the_loop_does_not_import_checkpoint_conversion():
+    """Conversion and upcycling (dcgen.compat) load only when init.from_dit asks for them."""
+    import subprocess
+    import sys
+    code = ("import sys, dcgen.train, dcgen.sample, dcgen.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('dcgen.compat')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from dcgen.cli import compose
 from dcgen.io import export_model
 from dcgen.models import DCDiT, DiT
-from dcgen.upcycle import distill_terms, init_from_dit, load_dit_teacher
+from dcgen.compat.upcycle import distill_terms, init_from_dit, load_dit_teacher
 from test_convert import dit_layout, mae_pos_table, random_state
 
 
@@ -126,7 +126,7 @@ def test_upcycled_training_run(tmp_path, monkeypatch):
     """A one-block DiT-S-width teacher in the original format upcycled into a one-block DC-DiT:
     2 distillation steps, then normal training; the frozen embedders keep the teacher's values.
     (D = 384 because the original format does not record the head count of other widths.)"""
-    import dcgen.upcycle as U
+    import dcgen.compat.upcycle as U
     from dcgen.train import train
     sd = save_original_dit(tmp_path / "teacher.pt", 384, 1, C=4, p=2, num_classes=4, grid=4)
     calls = []

@@ -17,7 +17,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcgen.convert import convert_amd_dcdit, convert_dit  # noqa: E402
+from dcgen.compat.convert import convert_amd_dcdit, convert_dit  # noqa: E402
 from dcgen.io import export_model  # noqa: E402
 
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .chunking import grid as G
-from .io import check_state_dict, plain
-from .models import build_model
+from ..chunking import grid as G
+from ..io import check_state_dict, plain
+from ..models import build_model
 
 # heads of the published sizes; neither format stores them (qkv is (3D, D) for any head count)
 DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}

@@ -46,7 +46,7 @@ def map_diffusers_dit_state(sd: dict, config: dict, where: str = "diffusers DiT"
 
     diffusers keeps one copy of the timestep/label embedder per block (all equal after its own
     conversion from the original DiT); they must agree, since a DiT has one."""
-    from .io import _listing
+    from ..io import _listing
     if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
         raise ValueError(f"{where}: norm_type {config.get('norm_type')!r} is not a class-conditional "
                          "DiT (ada_norm_zero)")
@@ -105,8 +105,8 @@ def map_diffusers_dit_state(sd: dict, config: dict, where: str = "diffusers DiT"
 def _load_diffusers_dit(source: str, where: str):
     from diffusers import DiTTransformer2DModel
 
-    from .io import check_state_dict
-    from .models import build_model
+    from ..io import check_state_dict
+    from ..models import build_model
     p = Path(source).expanduser()
     try:
         if p.is_dir():
@@ -130,8 +130,8 @@ def _load_diffusers_dit(source: str, where: str):
 def load_dit_teacher(source, device="cpu", num_heads: int | None = None):
     """The teacher as a frozen dcgen DiT in eval mode on `device` (see the module docstring)."""
     from .convert import convert_dit
-    from .io import load_model
-    from .models import DiT
+    from ..io import load_model
+    from ..models import DiT
     where = f"init.from_dit={source}"
     p = Path(str(source)).expanduser()
     if p.is_file() and p.suffix not in (".safetensors", ".yaml", ".json"):
@@ -155,14 +155,14 @@ def load_dit_teacher(source, device="cpu", num_heads: int | None = None):
 # --------------------------------------------------------------------------------------------
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from .io import _unwrap as unwrap
+    from ..io import _unwrap as unwrap
     return unwrap(model)
 
 
 def init_from_dit(model: nn.Module, teacher: nn.Module, freeze_embedders: bool = True) -> dict:
     """Copy the teacher's DiT blocks and t/y embedders into `model` (a DC-DiT) in place.
     Raises ValueError naming the first dimension that differs. Returns a small report."""
-    from .models import DCDiT, DiT
+    from ..models import DCDiT, DiT
     model, teacher = _unwrap(model), _unwrap(teacher)
     if not isinstance(model, DCDiT):
         raise ValueError(f"init.from_dit upcycles into a DC-DiT; the model is a {type(model).__name__}")
@@ -220,7 +220,7 @@ def distill_terms(objective, student, teacher, x0: torch.Tensor, y=None, t=None,
     flow time s in [0, 1], x_s = interpolate(x0, s, noise). Missing t / noise are drawn from
     `generator`. The student runs at `tail_drop` (multi-budget warm-up); the teacher keeps every
     token."""
-    from .diffusion.gaussian import randint, randn
+    from ..diffusion.gaussian import randint, randn
     B, C = x0.shape[0], x0.shape[1]
     if noise is None:
         noise = randn(x0.shape, generator, x0.device, x0.dtype)
