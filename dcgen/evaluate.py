@@ -162,6 +162,8 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
 
     # 2. model, objective, task ---------------------------------------------------------------------
     model, objective, task, ecfg = load_run(cfg.run_dir, device)
+    from .pipeline import with_diffusers_samplers
+    objective = with_diffusers_samplers(objective)  # sampler=dpm++ | unipc through diffusers
     is_dc = isinstance(model, DCDiT)
     branches = cfg_branches(task.num_classes, cfg.cfg_scale)
 

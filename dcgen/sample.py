@@ -185,6 +185,8 @@ def sample_command(cfg: DictConfig) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = pick_device(cfg.device)
     model, objective, task, ecfg = load_run(cfg.run_dir, device)
+    from .pipeline import with_diffusers_samplers
+    objective = with_diffusers_samplers(objective)  # sampler=dpm++ | unipc through diffusers
     out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "samples" / time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     result = generate(model, objective, task, **sampling_args(cfg, ecfg), labels=cfg.labels,

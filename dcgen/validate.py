@@ -142,6 +142,7 @@ _SAMPLING = {
     "num_samples": int_(1),
     "batch_size": int_(1),
     "steps": int_(1),
+    "sampler": choice("ddpm", "ddim", "dpm++", "unipc", "euler", "heun"),
     "cfg_scale": num(0),
     "cfg_channels": choice(None, "all", "legacy3"),
     "tail_drop": num(0, 1, hi_open=True),
