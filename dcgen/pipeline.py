@@ -480,7 +480,7 @@ class DiffusersSamplers:
         return self.objective.model_calls(steps, method)
 
     def sample(self, model, shape, y=None, steps=250, method: str = "ddpm", noise=None,
-               generator=None, tail_drop=None, model_kwargs=None, progress: bool = False,
+               generator=None, model_kwargs=None, progress: bool = False,
                callback: Callable | None = None, device=None, dtype=torch.float32,
                eta: float = 0.0, **kw) -> torch.Tensor:
         """As `GaussianDiffusion.sample`; methods in `self.methods` run `denoise` with a fresh
@@ -488,16 +488,13 @@ class DiffusersSamplers:
         `generator`)."""
         if method not in self.methods:
             return self.objective.sample(model, shape, y, steps=steps, method=method, noise=noise,
-                                         generator=generator, tail_drop=tail_drop,
-                                         model_kwargs=model_kwargs, progress=progress,
+                                         generator=generator, model_kwargs=model_kwargs, progress=progress,
                                          callback=callback, device=device, dtype=dtype, **kw)
         if kw.get("clip_denoised"):
             raise ValueError("clip_denoised is not supported by the diffusers samplers")
         device = noise.device if (device is None and noise is not None) else device
         x = self.objective._init_noise(shape, noise, generator, device, dtype)
         extra = dict(model_kwargs or {})
-        if tail_drop is not None:
-            extra["tail_drop"] = tail_drop
 
         def net(x_, t_, y_):
             return model(x_, t_, y_, **extra)

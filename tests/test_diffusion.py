@@ -222,8 +222,9 @@ def test_samplers_shape_finite_deterministic(rank, method):
         g = torch.Generator().manual_seed(seed)
         cb = lambda i, t, x, out, aux: seen.append((i, t, tuple(x.shape), tuple(out.shape), aux))
         if method == "ddpm":
-            return GaussianDiffusion().p_sample_loop(model, shape, y, steps=10, generator=g,
-                                                     callback=cb, tail_drop=0.5)
+            budgeted = lambda x, t, y, **k: model(x, t, y, tail_drop=0.5, **k)  # ρ rides with the model
+            return GaussianDiffusion().p_sample_loop(budgeted, shape, y, steps=10, generator=g,
+                                                     callback=cb)
         if method == "ddim":
             return GaussianDiffusion().ddim_sample_loop(model, shape, y, steps=10, generator=g, callback=cb)
         return FlowMatching().sample(model, shape, y, steps=5, method=method, generator=g, callback=cb)
@@ -395,9 +396,11 @@ def test_cfg_budgets_and_scale_one():
     # Per-sample ρ_c, ρ_u defaults to ρ_c.
     guided_model(model, 2.0, null, tail_drop=torch.tensor([0.1, 0.3]))(x, t, y)
     torch.testing.assert_close(model.calls[-1]["tail_drop"], torch.tensor([0.1, 0.3, 0.1, 0.3]))
-    # A sampler's tail_drop replaces ρ_c.
-    guided_model(model, 2.0, null, tail_drop_uncond=0.9)(x, t, y, tail_drop=0.5)
+    # One route: the budgets are the wrapper's; a call cannot pass another tail_drop.
+    guided_model(model, 2.0, null, tail_drop=0.5, tail_drop_uncond=0.9)(x, t, y)
     torch.testing.assert_close(model.calls[-1]["tail_drop"], torch.tensor([0.5, 0.5, 0.9, 0.9]))
+    with pytest.raises(TypeError):
+        guided_model(model, 2.0, null)(x, t, y, tail_drop=0.5)
     # Scale 1: exactly the plain forward, batch B.
     out, aux = guided_model(model, 1.0, null, tail_drop=0.4)(x, t, y)
     assert model.calls[-1]["B"] == B and model.calls[-1]["tail_drop"] == 0.4

@@ -298,7 +298,23 @@ def test_elastic_inference_flops_and_tokens(ws, tmp_path):
     assert (mo / "rho0.50" / "boundary_map_00.png").is_file() and (mo / "kept_fraction_vs_t_budgets.png").is_file()
 
 
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")
+                     if not p.stem.startswith("digits_"))  # the ImageNet rows
+DIGITS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("digits_*.yaml"))
+
+
+def test_digits_experiments_build_on_the_pixel_task():
+    from hydra.utils import instantiate
+
+    from dcgen.train import build_model
+    assert len(DIGITS) == 6
+    for name in DIGITS:
+        cfg = compose("train", [f"experiment={name}"])
+        task = instantiate(cfg.task, _convert_="all")
+        assert task.name == "pixel" and cfg.train.max_steps == 3000, name
+        model = build_model(cfg, task)
+        assert type(model).__name__ == ("DiT" if "dit" in name.split("_")[1] and "dcdit" not in name
+                                        else "DCDiT"), name
 
 
 def test_every_experiment_config_builds():

@@ -814,7 +814,8 @@ def bench_config(size: str, spec: GridSpec, batch: int, args, dev: torch.device,
         def run():
             model.eval()
             with torch.no_grad(), autocast():
-                diff.p_mean_variance(model, x, t_step, y, tail_drop=rho)
+                net = model if rho is None else (lambda *a, **k: model(*a, tail_drop=rho, **k))
+                diff.p_mean_variance(net, x, t_step, y)
         return run
 
     # 1. forward (per-component hooks and the attention-kernel clock on both models)

@@ -104,7 +104,7 @@ class FlowMatching:
         return {"loss": mse, "mse": mse}, aux
 
     def sample(self, model, shape, y=None, steps: int = 50, method: str = "euler", noise=None,
-               generator=None, tail_drop=None, model_kwargs=None, progress: bool = False,
+               generator=None, model_kwargs=None, progress: bool = False,
                callback: Callable | None = None, device=None,
                dtype=torch.float32) -> torch.Tensor:
         """Integrate dx/ds = v_θ from s = 1 (noise) to s = 0 on a uniform grid of `steps` steps.
@@ -112,8 +112,8 @@ class FlowMatching:
         "euler": one model call per step; "heun": Heun's 2nd-order (trapezoid) corrector, two
         calls per step, including the final one at s = 0 (the velocity is finite there, unlike
         an EDM-style σ-parameterisation). `callback(i, t_model, x_t, out, aux)` runs after every
-        model call (i counts calls from 0; t_model = s·999 as a float); tail_drop as in the
-        Gaussian samplers.
+        model call (i counts calls from 0; t_model = s·999 as a float); the budget ρ travels
+        with `model`, as in the Gaussian samplers.
         """
         if method not in ("euler", "heun"):
             raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
@@ -136,7 +136,7 @@ class FlowMatching:
         def velocity(x, s: float):
             nonlocal calls
             t = torch.full((B,), s * T_SCALE, dtype=x.dtype, device=x.device)
-            out, aux = call_model(model, x, t, y, tail_drop, model_kwargs)
+            out, aux = call_model(model, x, t, y, None, model_kwargs)
             if callback is not None:
                 callback(calls, s * T_SCALE, x, out, aux)
             calls += 1

@@ -351,14 +351,13 @@ class GaussianDiffusion:
         min_log = self._gather(self.posterior_log_variance_clipped, t, like)
         return frac * max_log + (1.0 - frac) * min_log
 
-    def p_mean_variance(self, model, x, t, y=None, tail_drop=None, model_kwargs=None,
-                        clip_denoised: bool = False):
+    def p_mean_variance(self, model, x, t, y=None, model_kwargs=None, clip_denoised: bool = False):
         """One model call and p_θ(x_{t−1} | x_t). t indexes THIS diffusion's tables.
 
         Returns a dict: mean, log_variance, pred_x0, eps, out (raw model output), aux.
         """
         C = x.shape[1]
-        out, aux = call_model(model, x, self.model_timesteps(t), y, tail_drop, model_kwargs)
+        out, aux = call_model(model, x, self.model_timesteps(t), y, None, model_kwargs)
         eps, v = self._split(out, C)
         pred_x0 = self.predict_x0(x, t, eps)
         if clip_denoised:
@@ -451,7 +450,7 @@ class GaussianDiffusion:
         return randn(shape, generator, device, dtype)
 
     def p_sample_loop(self, model, shape, y=None, steps=250, noise=None, generator=None,
-                      tail_drop=None, model_kwargs=None, progress: bool = False,
+                      model_kwargs=None, progress: bool = False,
                       callback: Callable | None = None, clip_denoised: bool = False,
                       device=None, dtype=torch.float32) -> torch.Tensor:
         """Ancestral DDPM sampling over `respaced(steps)` (§8: 250 steps, clip off).
@@ -460,8 +459,8 @@ class GaussianDiffusion:
         noise is added at the last step, which returns the posterior mean at t = 0.
         `callback(i, t_orig, x_t, out, aux)` runs after each model call: i = 0 … K−1 counts
         sampling steps from the noisiest, t_orig the original timestep (int), x_t the model's
-        input, out its raw output. tail_drop (float or (B,) tensor) is passed to every call when
-        given. All randomness comes from `generator` (drawn on its device).
+        input, out its raw output. The budget ρ travels with `model` (a guided_model wrapper, or
+        any callable): one route. All randomness comes from `generator` (drawn on its device).
         """
         diff = self.respaced(steps)
         device = noise.device if (device is None and noise is not None) else device
@@ -469,7 +468,7 @@ class GaussianDiffusion:
         B, K = x.shape[0], diff.num_timesteps
         for i, ti in enumerate(_progress(range(K - 1, -1, -1), progress, K)):
             t = torch.full((B,), ti, dtype=torch.long, device=x.device)
-            p = diff.p_mean_variance(model, x, t, y, tail_drop, model_kwargs, clip_denoised)
+            p = diff.p_mean_variance(model, x, t, y, model_kwargs, clip_denoised)
             if callback is not None:
                 callback(i, int(diff.timestep_map[ti]), x, p["out"], p["aux"])
             if ti > 0:
@@ -480,7 +479,7 @@ class GaussianDiffusion:
         return x
 
     def ddim_sample_loop(self, model, shape, y=None, steps=50, eta: float = 0.0, noise=None,
-                         generator=None, tail_drop=None, model_kwargs=None,
+                         generator=None, model_kwargs=None,
                          progress: bool = False, callback: Callable | None = None,
                          clip_denoised: bool = False, device=None,
                          dtype=torch.float32) -> torch.Tensor:
@@ -497,7 +496,7 @@ class GaussianDiffusion:
         B, C, K = x.shape[0], x.shape[1], diff.num_timesteps
         for i, ti in enumerate(_progress(range(K - 1, -1, -1), progress, K)):
             t = torch.full((B,), ti, dtype=torch.long, device=x.device)
-            out, aux = call_model(model, x, diff.model_timesteps(t), y, tail_drop, model_kwargs)
+            out, aux = call_model(model, x, diff.model_timesteps(t), y, None, model_kwargs)
             if callback is not None:
                 callback(i, int(diff.timestep_map[ti]), x, out, aux)
             eps = out[:, :C]

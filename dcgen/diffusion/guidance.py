@@ -52,11 +52,13 @@ class GuidedModel:
         self.cfg_channels = cfg_channels
         self.tail_drop, self.tail_drop_uncond = tail_drop, tail_drop_uncond
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tail_drop=None,
-                 **kwargs):
-        """tail_drop, when given (e.g. by a sampler), replaces the wrapper's ρ_c (and ρ_u if
-        tail_drop_uncond was not set)."""
-        rho_c = self.tail_drop if tail_drop is None else tail_drop
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs):
+        """The budgets are the wrapper's (ρ_c, and ρ_u for Lite-CFG): the one route by which
+        tail_drop reaches the model while sampling."""
+        if "tail_drop" in kwargs:
+            raise TypeError("the tail-drop budget of a guided model is set when it is wrapped "
+                            "(guided_model(..., tail_drop=, tail_drop_uncond=)), not per call")
+        rho_c = self.tail_drop
         if self.cfg_scale == 1.0:
             return self.model(x, t, y, tail_drop=rho_c, **kwargs)
         if y is None:
