@@ -3,13 +3,15 @@ __version__ = "0.1.0"
 
 
 def load_model(path, device="cpu", dtype=None):
-    """The model (EMA weights) of a run directory or an exported checkpoint directory."""
+    """The model (EMA weights) of a run directory, an export directory (config.json +
+    model.safetensors, or the older config.yaml layout) or a Hub id `owner/name`."""
     from .io import load_model as _load
     return _load(path, device=device, dtype=dtype)
 
 
 def export_model(model, out_dir, extra=None):
-    """Write `config.yaml` + `model.safetensors` for `model` into `out_dir` (atomically)."""
+    """Write `config.json` + `model.safetensors` (+ `dcgen.json` with `extra`) into `out_dir`,
+    atomically: the Hugging Face layout."""
     from .io import export_model as _export
     return _export(model, out_dir, extra=extra)
 

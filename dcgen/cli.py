@@ -10,6 +10,7 @@ DCGEN_DEBUG=1 shows the traceback. Exit codes: 0 done, 2 bad input (nothing writ
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -18,17 +19,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .validate import ConfigError, check_targets, is_restart_key, validate
 
-COMMANDS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "prepare": "prepare"}
+COMMANDS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "prepare": "prepare",
+            "export": "export"}
 GROUPS = ("task", "model", "objective", "optim", "experiment", "compat")
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a temporary failure, try again (SLURM requeues the same command)
 
-USAGE = """usage: dcgen {train,sample,evaluate,prepare} [group=choice ...] [key=value ...]
+USAGE = """usage: dcgen {train,sample,evaluate,prepare,export} [group=choice ...] [key=value ...]
 
   dcgen train [task=pixel] [model=dcdit_small] [train.max_steps=3000] [run_dir=DIR] ...
   dcgen sample run_dir=DIR [num_samples=16 steps=250 sampler=ddpm cfg_scale=1 tail_drop=0 seed=0]
   dcgen evaluate run_dir=DIR [num_samples=50000 ...]
   dcgen prepare task=NAME [...]
+  dcgen export run_dir=DIR out_dir=DIR [push_to_hub=owner/name]
 
 `dcgen <command> --help` lists that command's groups, choices and keys with their defaults;
 `dcgen <command> --cfg job` prints the composed config. Rerunning a `dcgen train` command on its
@@ -39,6 +42,7 @@ ABOUT = {
     "sample": "Sample from the EMA weights of a run dir or an exported checkpoint dir.",
     "evaluate": "Sample on every process and compute the task's metrics (FID, ...).",
     "prepare": "Encode a task's data into its cache, once, before training.",
+    "export": "Write a run's EMA model as a Hugging Face layout export; optionally push it to the Hub.",
 }
 
 
@@ -106,6 +110,27 @@ def _check_keys(cfg: DictConfig, parsed, where: str):
             raise ConfigError(f"'{key}' is a config section with the keys {shown}, not a value{hint}")
 
 
+def _constructor_keys(base: DictConfig, overrides: list[str], parsed):
+    """Model YAMLs state only what differs from the constructor's defaults; an override of any
+    other constructor argument (`model.learn_sigma=false`) is added to the node (`+model...`)."""
+    node = base.get("model") if isinstance(base, DictConfig) else None
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return overrides, parsed
+    try:
+        from .models import _class
+        params = set(inspect.signature(_class(node._target_).__init__).parameters) - {"self"}
+    except ValueError:
+        return overrides, parsed
+    out = []
+    for text, ov in zip(overrides, parsed):
+        key = ov.key_or_group
+        if (not ov.is_add() and not ov.is_delete() and key.startswith("model.") and key.count(".") == 1
+                and key[6:] not in node and key[6:] in params):
+            text = "+" + text
+        out.append(text)
+    return out, _parse(out)
+
+
 def compose(config_name: str, overrides: list[str], record_choices: bool = False) -> DictConfig:
     """The config of `config_name` with `overrides`; with `record_choices`, a `choices` node
     records the group choices (task, model, ...) that composed it."""
@@ -130,6 +155,7 @@ def compose(config_name: str, overrides: list[str], record_choices: bool = False
             base = hydra_compose(config_name, group_ovs)
         except Exception as e:  # Hydra's errors, and YAML errors of a (user's) config file
             raise ConfigError(" ".join(str(e).split())[:400]) from None
+        overrides, parsed = _constructor_keys(base, overrides, parsed)
         _check_keys(base, parsed, f"{config_name}.yaml")
         try:
             cfg = hydra_compose(config_name, overrides, return_hydra_config=True)
@@ -315,6 +341,9 @@ def run(command: str, args: list[str]):
     if command == "evaluate":
         from .evaluate import evaluate_command
         return evaluate_command(cfg)
+    if command == "export":
+        from .io import export_command
+        return export_command(cfg)
     if command == "prepare":
         import logging
         from hydra.utils import instantiate

@@ -1,11 +1,17 @@
-"""Exported models: a directory holding `config.yaml` (the model's constructor arguments under
-`model:` plus optional sampling/provenance nodes) and `model.safetensors` (its state dict).
+"""Exported models in the Hugging Face layout: a directory holding `config.json` (the model's
+description node: `_target_` plus every constructor argument), `model.safetensors` (its state
+dict) and, for dcgen's own use, `dcgen.json` (the task and objective to sample with, the step,
+sampling defaults). `dcgen.load_model` takes such a directory, a run directory (its `export/`),
+an export of the older layout (`config.yaml` with `model: {arch: ...}`), or a Hub id.
 
-Only safetensors and YAML are ever read here, so loading an export never runs foreign code.
+Only safetensors, JSON and YAML are ever read here, and only dcgen classes are built, so loading
+an export never runs foreign code.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -15,11 +21,13 @@ import torch
 import torch.nn as nn
 import yaml
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = "config.json"  # the model description (Hugging Face layout)
 WEIGHTS_FILE = "model.safetensors"
+EXTRA_FILE = "dcgen.json"  # task, objective, step, sample defaults
+LEGACY_CONFIG_FILE = "config.yaml"  # exports written before 2026-11-30
 # what an export directory may contain; anything else means the user pointed us at a directory
 # holding other work, and replacing it would destroy that work
-_EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE}
+_EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE, LEGACY_CONFIG_FILE, "README.md"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,15 +79,6 @@ def plain(obj):
     return repr(obj)
 
 
-def model_arch(model: nn.Module) -> str:
-    from .models import ARCHS
-    for name, cls in ARCHS.items():
-        if type(model) is cls:
-            return name
-    raise ValueError(f"cannot export a {type(model).__name__}: not one of the dcgen archs "
-                     f"({', '.join(ARCHS)})")
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     # DDP/FSDP wrappers keep the model in .module, torch.compile in ._orig_mod
     while True:
@@ -101,19 +100,19 @@ def _fsync(path: Path) -> None:
 
 
 def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
-    """Write `out_dir/config.yaml` = {"model": {"arch": ..., **model.config}, **extra} and
-    `out_dir/model.safetensors`. Atomic: both files are written into a temporary directory next
-    to `out_dir`, which then replaces `out_dir` (an existing export is replaced)."""
+    """Write `out_dir/config.json` (dcgen.models.describe(model)), `out_dir/model.safetensors`
+    and, with `extra` (task, objective, step, sample, ...), `out_dir/dcgen.json`. Atomic: the
+    files are written into a temporary directory next to `out_dir`, which then replaces it."""
     from safetensors.torch import save_file
 
+    from .models import describe
+
     model = _unwrap(model)
-    if not isinstance(getattr(model, "config", None), dict):
-        raise ValueError(f"cannot export a {type(model).__name__}: it has no .config dict")
     extra = dict(extra or {})
     if "model" in extra:
-        raise ValueError("export_model: `extra` must not contain a 'model' node (it is written "
-                         "from model.config)")
-    config = {"model": {"arch": model_arch(model), **plain(model.config)}, **plain(extra)}
+        raise ValueError("export_model: `extra` must not contain a 'model' node (config.json is "
+                         "written from the model itself)")
+    config = plain(describe(model))
 
     # safetensors refuses tensors that share memory; give each key its own contiguous CPU copy
     tensors, seen = {}, set()
@@ -140,9 +139,12 @@ def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(tmp / CONFIG_FILE, "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None)
-        for name in _EXPORT_FILES:
+        written = [WEIGHTS_FILE, CONFIG_FILE]
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if extra:
+            (tmp / EXTRA_FILE).write_text(json.dumps(plain(extra), indent=2) + "\n")
+            written.append(EXTRA_FILE)
+        for name in written:
             _fsync(tmp / name)
         if out.exists():
             # a directory cannot be os.replace'd onto a non-empty one: move the old aside first
@@ -162,60 +164,92 @@ def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
 # load
 # --------------------------------------------------------------------------------------------
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_export(p: Path) -> bool:
+    return (p / WEIGHTS_FILE).is_file() and ((p / CONFIG_FILE).is_file() or (p / LEGACY_CONFIG_FILE).is_file())
+
+
 def resolve_export_dir(path) -> Path:
-    """An export directory itself, a file inside one, or a run directory holding `export/`."""
-    p = Path(path)
+    """An export directory itself, a file inside one, a run directory holding `export/`, or a
+    Hub id `owner/name` (downloaded into the Hugging Face cache: config.json, model.safetensors,
+    dcgen.json)."""
+    p = Path(path).expanduser()
     if p.is_file() and p.name in _EXPORT_FILES:
         p = p.parent
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such export or run directory")
-    if (p / WEIGHTS_FILE).is_file():
-        return p
-    if (p / "export").is_dir():  # a run directory (its own config.yaml is the run's, not the model's)
-        return p / "export"
-    if (p / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{p / WEIGHTS_FILE}: missing (an export needs {CONFIG_FILE} and "
-                                f"{WEIGHTS_FILE}; a run directory needs export/)")
-    raise FileNotFoundError(f"{p}: not an export directory ({CONFIG_FILE} + {WEIGHTS_FILE}) "
-                            "nor a run directory with export/")
+    if p.is_dir():
+        if _is_export(p):
+            return p
+        if (p / "export").is_dir() and _is_export(p / "export"):  # a run directory
+            return p / "export"
+        if (p / CONFIG_FILE).is_file() or (p / LEGACY_CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{p / WEIGHTS_FILE}: missing (an export needs {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE}; a run directory needs export/)")
+        raise FileNotFoundError(f"{p}: not an export directory ({CONFIG_FILE} + {WEIGHTS_FILE}) "
+                                "nor a run directory with export/")
+    if not p.exists() and HUB_ID.match(str(path)):
+        from huggingface_hub import snapshot_download
+        try:
+            local = snapshot_download(str(path), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE])
+        except Exception as e:  # offline, unknown repo, no access: one line
+            raise FileNotFoundError(f"{path}: no such local directory, and the Hub download failed: "
+                                    f"{' '.join(str(e).split())[:300]}") from None
+        return resolve_export_dir(local)
+    raise FileNotFoundError(f"{p}: no such export or run directory")
+
+
+def _read(file: Path, kind: str):
+    try:
+        text = file.read_text()
+        data = json.loads(text) if kind == "json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{file}: not valid {kind.upper()}: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 def read_export_config(path) -> dict:
-    """The parsed config.yaml of an export (or of a run directory's export/)."""
-    d = resolve_export_dir(path)
-    cfg_file = d / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file}: missing (an export needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        with open(cfg_file) as f:
-            cfg = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{cfg_file}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_file}: expected a mapping at the top level, got {type(cfg).__name__}")
+    """{"model": description node, "task": ..., "objective": ..., "step": ..., "sample": ...} of
+    an export (either layout; an old `arch:` model node is translated), every `_target_` checked
+    to be a dcgen class."""
+    from .models import from_legacy
     from .validate import check_targets
-    check_targets(cfg, str(cfg_file))  # loading builds dcgen classes only, never foreign code
+    d = resolve_export_dir(path)
+    if (d / CONFIG_FILE).is_file():
+        where = d / CONFIG_FILE
+        cfg = {"model": _read(where, "json")}
+        if (d / EXTRA_FILE).is_file():
+            extra = _read(d / EXTRA_FILE, "json")
+            check_targets(extra, str(d / EXTRA_FILE))
+            cfg.update({k: v for k, v in extra.items() if k != "model"})
+    else:  # the layout before 2026-11-30: one config.yaml with a model: {arch: ...} node
+        where = d / LEGACY_CONFIG_FILE
+        cfg = _read(where, "yaml")
+        if isinstance(cfg.get("model"), dict) and "arch" in cfg["model"]:
+            cfg["model"] = from_legacy(cfg["model"])
+    check_targets(cfg, str(where))  # loading builds dcgen classes only, never foreign code
+    if not isinstance(cfg.get("model"), dict) or "_target_" not in cfg["model"]:
+        raise ValueError(f"{where}: no model description (expected _target_: dcgen.models.DCDiT "
+                         "or dcgen.models.DiT)")
     return cfg
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Build the model described by an export (or a run directory's export/) and load its
-    weights strictly; returns it in eval mode on `device` (cast to `dtype` if given)."""
+    """Build the model described by an export, a run directory's export/ or a Hub id, and load
+    its weights strictly; returns it in eval mode on `device` (cast to `dtype` if given)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models import build_model
+    from .models import build
 
     d = resolve_export_dir(path)
-    cfg_file, w_file = d / CONFIG_FILE, d / WEIGHTS_FILE
     cfg = read_export_config(d)
-    node = cfg.get("model")
-    if not isinstance(node, dict):
-        raise ValueError(f"{cfg_file}: no 'model' node (expected model: {{arch: dcdit|dit, ...}})")
-    if "arch" not in node:
-        raise ValueError(f"{cfg_file}: model node has no 'arch' (dcdit or dit)")
+    cfg_file = d / (CONFIG_FILE if (d / CONFIG_FILE).is_file() else LEGACY_CONFIG_FILE)
+    w_file = d / WEIGHTS_FILE
     try:
-        model = build_model(**node)
+        model = build(cfg["model"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: cannot build the model: {e}") from None
     try:
@@ -232,5 +266,31 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Modul
     return model.eval()
 
 
-__all__ = ["export_model", "load_model", "read_export_config", "resolve_export_dir",
-           "check_state_dict"]
+def push_to_hub(export_dir, repo_id: str, private: bool = False, token=None) -> str:
+    """Upload an export directory (config.json, model.safetensors, dcgen.json) to the Hub."""
+    from huggingface_hub import HfApi
+    d = resolve_export_dir(export_dir)
+    if not (d / CONFIG_FILE).is_file():
+        raise ValueError(f"{d}: an old-layout export; re-export it with `dcgen export` first")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(d),
+                             allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE, "README.md"],
+                             commit_message="dcgen export")
+    return str(getattr(info, "commit_url", repo_id))
+
+
+def export_command(cfg) -> Path:
+    """`dcgen export run_dir=... out_dir=... [push_to_hub=owner/name private=false]`."""
+    src = resolve_export_dir(cfg.run_dir)
+    model = load_model(src)
+    extra = {k: v for k, v in read_export_config(src).items() if k != "model"}
+    out = export_model(model, cfg.out_dir, extra)
+    print(out)
+    if cfg.get("push_to_hub"):
+        print(push_to_hub(out, cfg.push_to_hub, private=bool(cfg.get("private", False))))
+    return out
+
+
+__all__ = ["export_model", "export_command", "load_model", "read_export_config", "resolve_export_dir",
+           "check_state_dict", "push_to_hub"]

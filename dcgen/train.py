@@ -102,14 +102,10 @@ def step_randomness(seed: int, step: int, global_batch: int, sample_shape, objec
 # ----------------------------------------------------------------------------------------------
 
 def build_model(cfg: DictConfig, task):
-    """Instantiate the model config with the task's shape filled in."""
-    from hydra.utils import instantiate
-    kw = {}
-    for key, val in (("input_size", list(task.grid)), ("in_channels", task.channels),
-                     ("num_classes", task.num_classes)):
-        if cfg.model.get(key) is None:
-            kw[key] = val
-    return instantiate(cfg.model, **kw, _convert_="all")
+    """The model of `cfg.model` (a description node) with the task's shape filled in."""
+    from .models import build
+    return build(OmegaConf.to_container(cfg.model, resolve=True), input_size=list(task.grid),
+                 in_channels=task.channels, num_classes=task.num_classes)
 
 
 def param_groups(model, cfg: DictConfig) -> list:

@@ -161,7 +161,11 @@ EVALUATE = {**_SAMPLING, "decode_batch_size": optional(int_(1)), "tf32": boolean
 
 PREPARE = {"seed": int_(0)}
 
-RULES = {"train": TRAIN, "sample": SAMPLE, "evaluate": EVALUATE, "prepare": PREPARE}
+EXPORT = {"run_dir": path_str(), "out_dir": path_str(),
+          "push_to_hub": optional(Rule(lambda v: isinstance(v, str) and v.count("/") == 1, "owner/name")),
+          "private": boolean()}
+
+RULES = {"train": TRAIN, "sample": SAMPLE, "evaluate": EVALUATE, "prepare": PREPARE, "export": EXPORT}
 
 _MISSING = object()
 
@@ -187,8 +191,10 @@ def validate(command: str, cfg: DictConfig) -> None:
         if v is _MISSING:
             continue
         if v == "???":
-            what = {"sample": "the run or export directory to sample from",
-                    "evaluate": "the run or export directory to evaluate"}.get(command, rule.expected)
+            what = {("sample", "run_dir"): "the run or export directory to sample from",
+                    ("evaluate", "run_dir"): "the run or export directory to evaluate",
+                    ("export", "run_dir"): "the run or export directory to export",
+                    ("export", "out_dir"): "the directory to write"}.get((command, key), rule.expected)
             raise ConfigError(f"{key} is required: give {key}=<{what}>")
         if not rule.check(v):
             raise ConfigError(f"{key}={_shown(v)}: expected {rule.expected}")

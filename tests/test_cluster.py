@@ -361,12 +361,17 @@ def trained_export(tmp_path_factory):
 
 
 def _poison(src: Path, dst: Path, node: str):
+    """Copy the run's export and point one node's _target_ at os.system (the model node lives in
+    config.json, the task and objective nodes in dcgen.json)."""
+    import json
     import shutil
     shutil.copytree(src / "export", dst)
-    cfg = yaml.safe_load((dst / "config.yaml").read_text())
-    cfg[node]["_target_"] = "os.system"
-    cfg[node]["command"] = "touch PWNED"
-    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    f = dst / ("config.json" if node == "model" else "dcgen.json")
+    cfg = json.loads(f.read_text())
+    target = cfg if node == "model" else cfg[node]
+    target["_target_"] = "os.system"
+    target["command"] = "touch PWNED"
+    f.write_text(json.dumps(cfg))
 
 
 @pytest.mark.parametrize("node", ["task", "objective", "model"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from dcgen.compat.convert import (ConfigPlaceholder, convert_amd_dcdit, convert_dit, load_reference_checkpoint,
                            map_amd_dcdit_state)
 from dcgen.io import export_model, load_model, read_export_config
-from dcgen.models import build_model
+from dcgen.models import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -312,7 +313,7 @@ def test_dit_s2_converts_every_tensor_and_round_trips(dit_s2, tmp_path):
 
     export_model(model, tmp_path / "exp", extra)
     cfg_file = read_export_config(tmp_path / "exp")
-    assert cfg_file["model"]["arch"] == "dit" and cfg_file["sample"]["cfg_channels"] == "legacy3"
+    assert cfg_file["model"]["_target_"] == "dcgen.models.DiT" and cfg_file["sample"]["cfg_channels"] == "legacy3"
     with torch.no_grad():
         again = load_model(tmp_path / "exp")(x, t, y)[0]
     assert torch.equal(out, again)
@@ -445,9 +446,9 @@ def test_amd_tiny_converts_every_tensor_once(tmp_path):
 
     # export: compat flags of METHOD §11 compat=reference, sampling and provenance nodes
     out = export_model(model, tmp_path / "export", extra)
-    written = yaml.safe_load((out / "config.yaml").read_text())
-    m = written["model"]
-    assert m["arch"] == "dcdit"
+    written = read_export_config(out)
+    m = json.loads((out / "config.json").read_text())  # the one model description (HF layout)
+    assert m == written["model"] and m["_target_"] == "dcgen.models.DCDiT"
     assert (m["block_adaln_init"], m["residual_proj_init"]) == ("xavier", "xavier")
     assert m["residual_autocast"] is True and m["attn_qkv_bf16"] is True
     assert m["tail_drop_protect_forced"] is False and m["dechunk_sigma"] == 1.5
@@ -501,7 +502,7 @@ def test_amd_b_n4_real_shapes_map_onto_meta_model(tmp_path):
     assert (kwargs["encoder_dim"], kwargs["router_dim"], kwargs["input_size"]) == (192, 192, [32, 32])
     assert kwargs["num_classes"] == 1000 and kwargs["mlp_ratio"] == 4.0
     with torch.device("meta"):
-        meta = build_model("dcdit", **kwargs)
+        meta = build({"_target_": "dcgen.models.DCDiT", **kwargs})
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
     assert len(mapped) == 190 and info["weights"] == "ema"
@@ -527,14 +528,18 @@ def test_cli_converts_and_reports_errors(tmp_path, capsys):
 # export / load
 # --------------------------------------------------------------------------------------------
 
+def build_node(arch, **kw):
+    return build({"_target_": {"dcdit": "dcgen.models.DCDiT", "dit": "dcgen.models.DiT"}[arch], **kw})
+
+
 def tiny_dcdit():
     # smaller than the parity model (conv widths stay multiples of 32): CPU time matters here
-    return perturb(build_model("dcdit", input_size=(8, 8), num_classes=10, hidden_size=64, depth=1,
+    return perturb(build_node("dcdit", input_size=(8, 8), num_classes=10, hidden_size=64, depth=1,
                                num_heads=2, encoder_dim=32), seed=3)
 
 
 def tiny_dit():
-    return perturb(build_model("dit", input_size=(8, 8), num_classes=10, hidden_size=64, depth=1,
+    return perturb(build_node("dit", input_size=(8, 8), num_classes=10, hidden_size=64, depth=1,
                                num_heads=4, patch_size=2), seed=4)
 
 
@@ -542,7 +547,7 @@ def tiny_dit():
 def test_export_load_round_trip(make, tmp_path):
     model = make()
     out = export_model(model, tmp_path / "exp", {"sample": {"cfg_channels": "all"}})
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "dcgen.json", "model.safetensors"]
     loaded = load_model(out)
     assert not loaded.training and loaded.config == model.config
     assert torch.equal(run(model), run(loaded))
@@ -591,11 +596,14 @@ def test_load_errors_name_file_and_key(tmp_path):
         load_model(out)
 
     save_file(sd, str(w))
-    (out / "config.yaml").write_text("sample: {cfg_channels: all}\n")
-    with pytest.raises(ValueError, match=r"config\.yaml.*'model'"):
+    (out / "config.json").write_text('{"hidden_size": 64}\n')
+    with pytest.raises(ValueError, match=r"config\.json.*no model description"):
         load_model(out)
-    (out / "config.yaml").write_text("model: {arch: dcdit, hidden_sise: 64}\n")
-    with pytest.raises(ValueError, match=r"config\.yaml.*hidden_sise"):
+    (out / "config.json").write_text('{"_target_": "dcgen.models.DCDiT", "hidden_sise": 64}\n')
+    with pytest.raises(ValueError, match=r"config\.json.*hidden_sise"):
+        load_model(out)
+    (out / "config.json").write_text('{"_target_": "dcgen.models.DCDiT", ')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         load_model(out)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "absent")
@@ -609,8 +617,8 @@ def test_run_dir_with_export_loads(tmp_path):
     (run_dir / "checkpoints").mkdir()
     loaded = load_model(run_dir)
     assert torch.equal(run(model), run(loaded))
-    assert read_export_config(run_dir)["model"]["arch"] == "dcdit"
-    assert read_export_config(run_dir / "export" / "config.yaml")["model"]["arch"] == "dcdit"
+    assert read_export_config(run_dir)["model"]["_target_"] == "dcgen.models.DCDiT"
+    assert read_export_config(run_dir / "export" / "config.json")["model"]["_target_"] == "dcgen.models.DCDiT"
     unfinished = tmp_path / "runs" / "r2"  # a run that has not exported yet
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text("task: {name: toy}\n")

@@ -7,23 +7,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dcgen.flops import (FlopMeter, attention_macs, dcdit_tflops_per_image, dit_gflops,
                          model_flops, per_sample_macs, step_macs)
-from dcgen.models import SIZES, DCDiT, DiT
+from dcgen.models import DCDiT, DiT, build, config_node
 
 SCAFFOLD = ("embed", "encoder", "router", "decoder", "final")
 
 
 def big_dit(size, patch, grid=(32, 32)):
-    D, depth, heads = SIZES[size]
     with torch.device("meta"):  # nothing allocated: only the shapes are read
-        return DiT(input_size=grid, in_channels=4, num_classes=1000, hidden_size=D, depth=depth,
-                   num_heads=heads, patch_size=patch)
+        return build(config_node(f"dit_{size.lower()}_{patch}"), input_size=list(grid), in_channels=4,
+                     num_classes=1000)
 
 
 def big_dcdit(size, grid=(32, 32)):
-    D, depth, heads = SIZES[size]
     with torch.device("meta"):
-        return DCDiT(input_size=grid, in_channels=4, num_classes=1000, hidden_size=D, depth=depth,
-                     num_heads=heads)
+        return build(config_node(f"dcdit_{size.lower()}"), input_size=list(grid), in_channels=4,
+                     num_classes=1000)
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dcgen.chunking import grid as G
-from dcgen.models import DCDiT, DiT, preset
+from dcgen.models import DCDiT, DiT, build, config_node
 from dcgen.models.attention import PackInfo, available_backends, varlen_attention
 
 RANK_GRIDS = [(24,), (8, 10), (4, 6, 5)]
@@ -237,13 +237,11 @@ DCDIT_COUNTS_PE = {"S": 34.76e6, "B": 137.13e6, "L": 469.61e6, "XL": 689.59e6}
 
 @pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
 def test_dcdit_parameter_counts(size):
-    kw = preset(f"DC-DiT-{size}")
-    kw.pop("arch")
-    with torch.device("meta"):
-        m = DCDiT(input_size=(32, 32), in_channels=4, num_classes=1000, **kw)
+    with torch.device("meta"):  # the paper sizes live in configs/model/dcdit_<size>.yaml
+        m = build(config_node(f"dcdit_{size.lower()}"), input_size=[32, 32], in_channels=4, num_classes=1000)
     n = count(m)
     assert abs(n - DCDIT_COUNTS[size]) < 0.006e6
-    assert abs(n + 1024 * kw["hidden_size"] - DCDIT_COUNTS_PE[size]) < 0.006e6
+    assert abs(n + 1024 * m.config["hidden_size"] - DCDIT_COUNTS_PE[size]) < 0.006e6
     assert "pos_embed" not in m.state_dict()
 
 
@@ -261,11 +259,9 @@ def test_dcdit_b_breakdown():
 # [DiT] Table 4 / README: S 33M, B 130M, L 458M, XL 675M (XL/2: 675.1M incl. the frozen pos_embed)
 @pytest.mark.parametrize("size,want", [("S", 33), ("B", 130), ("L", 458), ("XL", 675)])
 def test_dit_parameter_counts(size, want):
-    kw = preset(f"DiT-{size}/2")
-    kw.pop("arch")
     with torch.device("meta"):
-        m = DiT(input_size=(32, 32), in_channels=4, num_classes=1000, **kw)
-    n = count(m) + 256 * kw["hidden_size"]
+        m = build(config_node(f"dit_{size.lower()}_2"), input_size=[32, 32], in_channels=4, num_classes=1000)
+    n = count(m) + 256 * m.config["hidden_size"]
     assert abs(n / 1e6 - want) < 0.6  # the paper rounds inconsistently (S 32.96M, B 130.51M)
     if size == "XL":
         assert n == 675_129_632  # the count the DiT release prints for DiT-XL/2

@@ -90,7 +90,7 @@ from dcgen.chunking.chunk import ChunkIndex, plug_back_rows
 from dcgen.chunking.router import finish_probs
 from dcgen.diffusion import GaussianDiffusion
 from dcgen.flops import model_flops
-from dcgen.models import SIZES, DCDiT, DiT
+from dcgen.models import DCDiT, build, config_node
 from dcgen.chunking.router import RoutingModule
 from dcgen.models.attention import PackInfo, available_backends, resolve_backend
 
@@ -357,12 +357,19 @@ def parse_grid(text: str) -> GridSpec:
     return GridSpec(kind, grid, channels, patch)
 
 
+PAPER_SIZES = ("S", "B", "L", "XL")
+
+
 def size_dims(size: str) -> tuple[int, int, int]:
-    if size in SIZES:
-        return SIZES[size]
+    """(hidden, depth, heads) of a size: the paper sizes come from configs/model/dcdit_<s>.yaml."""
+    if size in PAPER_SIZES:
+        with torch.device("meta"):
+            cfg = build(config_node(f"dcdit_{size.lower()}"), input_size=[8, 8], in_channels=4,
+                        num_classes=1000).config
+        return cfg["hidden_size"], cfg["depth"], cfg["num_heads"]
     if size in TINY:
         return TINY[size]
-    raise ValueError(f"--sizes: unknown size {size!r} (valid: {', '.join([*SIZES, *TINY])})")
+    raise ValueError(f"--sizes: unknown size {size!r} (valid: {', '.join([*PAPER_SIZES, *TINY])})")
 
 
 def build_models(size: str, spec: GridSpec, dev: torch.device, backend: str = "auto"):
@@ -370,8 +377,8 @@ def build_models(size: str, spec: GridSpec, dev: torch.device, backend: str = "a
     common = dict(input_size=spec.grid, in_channels=spec.channels, num_classes=1000,
                   hidden_size=D, depth=depth, num_heads=heads)
     torch.manual_seed(0)
-    dit = DiT(patch_size=spec.dit_patch, **common).to(dev)
-    dc = DCDiT(attn_backend=backend, **common).to(dev)
+    dit = build({"_target_": "dcgen.models.DiT", "patch_size": list(spec.dit_patch), **common}).to(dev)
+    dc = build({"_target_": "dcgen.models.DCDiT", "attn_backend": backend, **common}).to(dev)
     return dit, dc
 
 
@@ -930,8 +937,8 @@ def bench_attention_choice(size: str, spec: GridSpec, lengths: list[int], args, 
     res: dict = {"size": size, "grid": spec.name, "L": spec.L, "lengths": list(lengths), "batch": B}
     D, depth, heads = size_dims(size)
     torch.manual_seed(0)
-    dc = DCDiT(input_size=spec.grid, in_channels=spec.channels, num_classes=1000, hidden_size=D,
-               depth=depth, num_heads=heads).to(dev)
+    dc = build({"_target_": "dcgen.models.DCDiT", "input_size": list(spec.grid), "in_channels": spec.channels,
+                "num_classes": 1000, "hidden_size": D, "depth": depth, "num_heads": heads}).to(dev)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(B, spec.channels, *spec.grid, generator=gen).to(dev)
     t = torch.randint(0, 1000, (B,), generator=gen).to(dev)

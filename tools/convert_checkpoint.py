@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a foreign checkpoint into a dcgen export directory (config.yaml + model.safetensors).
+"""Convert a foreign checkpoint into a dcgen export directory (config.json + model.safetensors + dcgen.json).
 
     python tools/convert_checkpoint.py --format dit --input DiT-XL-2-256x256.pt --output exports/dit-xl2
     python tools/convert_checkpoint.py --format amd-dcdit --input 0400000.pt --output exports/dcdit-b [--use model]

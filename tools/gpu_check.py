@@ -284,7 +284,7 @@ class SyncCounter:
 def training_run(kind: str, dev, args, compiled: bool) -> dict:
     from dcgen.chunking.ratio_loss import ratio_loss
     from dcgen.diffusion import GaussianDiffusion
-    from dcgen.models import DCDiT, DiT
+    from dcgen.models import build
     from dcgen.models.compile import compile_backbone
 
     bench = load_tool("bench")
@@ -293,11 +293,13 @@ def training_run(kind: str, dev, args, compiled: bool) -> dict:
     else:
         grid, B, D, depth, heads, steps, warm = (32, 32), 32, 768, 12, 12, args.steps, 3
     torch.manual_seed(0)
-    common = dict(input_size=grid, in_channels=4, num_classes=1000, hidden_size=D, depth=depth, num_heads=heads)
+    common = dict(input_size=list(grid), in_channels=4, num_classes=1000, hidden_size=D, depth=depth,
+                  num_heads=heads)
     if kind == "dit":
-        model = DiT(patch_size=2, **common).to(dev)
+        model = build({"_target_": "dcgen.models.DiT", "patch_size": 2, **common}).to(dev)
     else:
-        model = DCDiT(**common, **(dict(encoder_dim=32, norm_groups=8) if args.smoke else {})).to(dev)
+        model = build({"_target_": "dcgen.models.DCDiT", **common,
+                       **(dict(encoder_dim=32, norm_groups=8) if args.smoke else {})}).to(dev)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(B, 4, *grid, generator=gen).to(dev)
     y = torch.randint(0, 1000, (B,), generator=gen).to(dev)

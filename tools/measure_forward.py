@@ -29,13 +29,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from dcgen.chunking import router as R
-    from dcgen.models import DCDiT, preset
-    kw = preset(f"DC-DiT-{args.size}")
-    kw.pop("arch")
+    from dcgen.models import build, config_node
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    model = DCDiT(input_size=tuple(args.grid), in_channels=args.channels, num_classes=0,
-                  patch_size=args.patch, **kw).to(dev).eval()
+    node = {**config_node(f"dcdit_{args.size.lower()}"), "patch_size": args.patch}
+    model = build(node, input_size=list(args.grid), in_channels=args.channels, num_classes=0).to(dev).eval()
     grid = model.grid
 
     gen = torch.Generator().manual_seed(1)

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..chunking import grid as G
 from ..io import check_state_dict, plain
-from ..models import build_model
+from ..models import build
 
 # heads of the published sizes; neither format stores them (qkv is (3D, D) for any head count)
 DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -307,12 +307,12 @@ def expected_shapes(kwargs: dict) -> dict:
     """Key -> shape of the model `kwargs` describe, built on the meta device (no memory; the
     first meta build in a process pays a one-off import of torch's reference kernels)."""
     with torch.device("meta"):
-        model = build_model(**kwargs)
+        model = build(kwargs)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def _build(kwargs: dict, sd: dict, where: str, renames=()) -> nn.Module:
-    model = build_model(**kwargs)
+    model = build(kwargs)
 
     def label(key):  # name the source tensor too, which is what the user can look up
         for src, dst in renames:
@@ -426,7 +426,7 @@ def convert_dit(path, use: str | None = None, num_heads: int | None = None, inpu
     args = vars(args) if isinstance(args, argparse.Namespace) else None
     hint = args.get("num_classes") if args else None
     kwargs, mapped = map_dit_state(sd, str(path), num_heads, input_size, hint)
-    model = _build(dict(arch="dit", **kwargs), mapped, str(path))
+    model = _build({"_target_": "dcgen.models.DiT", **kwargs}, mapped, str(path))
     source = {"format": "dit", "file": str(path.resolve()), "sha256": _sha256(path), "weights": which}
     if args:
         source["args"] = plain(args)
@@ -553,7 +553,7 @@ def convert_amd_dcdit(path, use: str = "ema", num_heads: int | None = None, dech
     path = Path(path)
     ckpt = load_reference_checkpoint(path)
     kwargs, mapped, info = map_amd_dcdit_state(ckpt, use, str(path), num_heads, dechunk_sigma, input_size)
-    model = _build(dict(arch="dcdit", **kwargs), mapped, str(path), _R_RENAMES)
+    model = _build({"_target_": "dcgen.models.DCDiT", **kwargs}, mapped, str(path), _R_RENAMES)
     source = {"format": "amd-dcdit", "file": str(path.resolve()), "sha256": _sha256(path),
               "compat": "reference", **info}
     return model, {"sample": {"cfg_channels": cfg_channels}, "source": source}

@@ -106,7 +106,7 @@ def _load_diffusers_dit(source: str, where: str):
     from diffusers import DiTTransformer2DModel
 
     from ..io import check_state_dict
-    from ..models import build_model
+    from ..models import build
     p = Path(source).expanduser()
     try:
         if p.is_dir():
@@ -121,7 +121,7 @@ def _load_diffusers_dit(source: str, where: str):
         raise ValueError(f"{where}: cannot load a diffusers DiTTransformer2DModel "
                          f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     kwargs, mapped = map_diffusers_dit_state(hf.state_dict(), dict(hf.config), where)
-    model = build_model(arch="dit", **kwargs)
+    model = build({"_target_": "dcgen.models.DiT", **kwargs})
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, mapped, where)
     model.load_state_dict(mapped, strict=True)
     return model

@@ -57,8 +57,6 @@ class DCDiT(ConditionedModel):
                  residual_autocast: bool = False, attn_qkv_bf16: bool = False,
                  tail_drop_protect_forced: bool = True, class_embed_std: float = 0.02):
         super().__init__()
-        self.config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in locals().items()
-                       if k not in ("self", "__class__")}
         spatial = G.check_grid(input_size)
         n = len(spatial)
         D = hidden_size

@@ -10,13 +10,12 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 
 from ..chunking import grid as G
 from .attention import BucketedPack, PackInfo, bucketed_attention, varlen_attention
 from .layers import FinalLayer, LabelEmbedder, PatchEmbedND, TimestepEmbedder, modulate, unpatchify
 
-# (hidden_size, depth, num_heads) of the DiT family ([DiT] Table 1); DC-DiT uses the same backbones.
-SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
 
 class Attention(nn.Module):
@@ -110,9 +109,23 @@ def init_block_adaln(blocks, mode: str = "zero"):
         raise ValueError(f"block_adaln_init must be 'zero' or 'xavier', got {mode!r}")
 
 
-class ConditionedModel(nn.Module):
+def _plain(v):
+    """JSON/YAML-safe config values: tuples as lists."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+class ConditionedModel(nn.Module, PyTorchModelHubMixin, library_name="dcgen",
+                       repo_url="https://arxiv.org/abs/2603.06351"):
     """Shared conditioning c = t_emb (+ y_emb) of DiT and DC-DiT, and the precision rules both
     follow (docs/design.md, "Precision under autocast")."""
+
+    @property
+    def config(self) -> dict:
+        """Every constructor argument, as passed or defaulted (recorded by the Hub mixin when the
+        model is built): what `dcgen.models.describe` writes and `dcgen.models.build` reads."""
+        return {k: _plain(v) for k, v in self._hub_mixin_config.items()}
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -189,12 +202,6 @@ class DiT(ConditionedModel):
                  class_dropout_prob: float = 0.1, attn_backend: str = "auto",
                  block_adaln_init: str = "zero", class_embed_std: float = 0.02):
         super().__init__()
-        self.config = dict(
-            input_size=list(input_size), in_channels=in_channels, num_classes=num_classes,
-            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            patch_size=patch_size, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
-            attn_backend=attn_backend, block_adaln_init=block_adaln_init,
-            class_embed_std=class_embed_std)
         self.class_embed_std = float(class_embed_std)
         spatial = G.check_grid(input_size)
         n = len(spatial)
