@@ -420,8 +420,6 @@ def train(cfg: DictConfig, return_model: bool = False):
         raise ValueError("objective learns sigma but the model has learn_sigma: false "
                          "(set model.learn_sigma=true or objective.learn_sigma=false, loss=mse)")
     p_drop = float(tc.label_dropout) if task.num_classes > 0 else 0.0
-    if model.y_embedder is not None:
-        model.y_embedder.dropout_prob = 0.0  # the loop draws label dropout (rank-invariant)
     teacher, distill_steps = None, 0
     init = cfg.get("init") or {}
     upcycle_report = None

@@ -191,3 +191,32 @@ def test_dcgen_export_writes_the_hub_layout_and_pushes(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert main(["export", f"run_dir={rd}"]) == 2
     assert "out_dir" in capsys.readouterr().err
+
+
+def test_label_dropout_is_one_knob(tmp_path, monkeypatch):
+    """The model has no label dropout of its own (a training-mode forward uses the labels it is
+    given); the loop's train.label_dropout is the knob, and old descriptions that carry
+    class_dropout_prob still build."""
+    m = tiny().train()
+    x, t = torch.randn(64, 3, 8, 8), torch.full((64,), 500)
+    y = torch.randint(0, 4, (64,))
+    with torch.no_grad():
+        a, _ = m(x, t, y)
+        b, _ = m(x, t, y)
+    assert torch.equal(a, b)  # no random label replacement inside the model
+    assert "class_dropout_prob" not in inspect.signature(DCDiT.__init__).parameters
+    node = {**describe(m), "class_dropout_prob": 0.1}
+    assert build(node).config == m.config
+    # the loop's knob: with label_dropout 1 every label the model sees is the null label
+    from dcgen.cli import compose
+    from dcgen.diffusion import GaussianDiffusion
+    from dcgen.train import train
+    seen = []
+    orig = GaussianDiffusion.training_losses
+
+    def spy(self, model, x0, y=None, **k):
+        seen.append(y.clone())
+        return orig(self, model, x0, y, **k)
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", spy)
+    train(compose("train", [*TOY, "train.max_steps=1", "train.label_dropout=1.0", f"run_dir={tmp_path / 'r'}"]))
+    assert seen and all(bool((s == 4).all()) for s in seen)  # toy task: 4 classes, null = 4

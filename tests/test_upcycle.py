@@ -56,7 +56,6 @@ def test_distill_terms_is_full_output_mse():
         p.data.add_(0.05 * torch.randn_like(p))
     twin = DiT(**{k: v for k, v in teacher.config.items()})
     twin.load_state_dict(teacher.state_dict())
-    twin.y_embedder.dropout_prob = 0.0  # as the training loop sets it (it draws label dropout itself)
     x0, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 3])
     g = GaussianDiffusion()
     terms, aux = distill_terms(g, twin, teacher, x0, y, t=torch.tensor([5, 500, 999]), noise=torch.randn_like(x0))
@@ -64,7 +63,6 @@ def test_distill_terms_is_full_output_mse():
     student = DCDiT(input_size=(8, 8), in_channels=4, num_classes=3, hidden_size=64, depth=2, num_heads=4,
                     norm_groups=8, cond_adaptor=True, pe_coord_scale=0.5)
     init_from_dit(student, teacher)
-    student.y_embedder.dropout_prob = 0.0
     t, noise = torch.tensor([5, 500, 999]), torch.randn_like(x0)
     terms, aux = distill_terms(g, student, teacher, x0, y, t=t, noise=noise, tail_drop=0.3)
     with torch.no_grad():

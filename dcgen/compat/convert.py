@@ -513,7 +513,6 @@ def map_amd_dcdit_state(ckpt: dict, use: str = "ema", where: str = "checkpoint",
         raise ValueError(f"{where}: no pos_embed or config image_size to read the grid from; pass input_size")
     sigma = dechunk_sigma if dechunk_sigma is not None else \
         config_value(cfg, ("dechunk_sigma", "dechunk_kernel_sigma"))
-    cdp = config_value(cfg, ("class_dropout_prob",))
     kernel = k_enc[0] if len(set(k_enc)) == 1 else list(k_enc)
     rkernel = k_rt[0] if len(set(k_rt)) == 1 else list(k_rt)
     kwargs = dict(
@@ -530,7 +529,6 @@ def map_amd_dcdit_state(ckpt: dict, use: str = "ema", where: str = "checkpoint",
         # grid-dependent default, so it is always written out
         dechunk_sigma=float(sigma) if sigma is not None else REFERENCE_SIGMA,
         learn_sigma=_learn_sigma(out, 1, C, where),
-        class_dropout_prob=float(cdp) if cdp is not None else 0.1,
         **REFERENCE_COMPAT)
 
     r = _Renamer(sd, where)

@@ -14,6 +14,9 @@ from .dcdit import DCDiT, StageAux
 from .dit import DiT
 
 MODULE = "dcgen.models"
+# constructor arguments that older descriptions may carry and that no longer exist:
+# class_dropout_prob (label dropout is the training loop's train.label_dropout: one knob)
+REMOVED_ARGS = ("class_dropout_prob",)
 
 
 def describe(model) -> dict:
@@ -46,6 +49,8 @@ def build(node: Mapping, **fill):
         if node.get(key) is None:
             node[key] = value
     node.pop("_partial_", None)
+    for removed in REMOVED_ARGS:  # descriptions written before an argument was removed
+        node.pop(removed, None)
     return cls(**node)
 
 

@@ -49,7 +49,7 @@ class DCDiT(ConditionedModel):
                  router: str = "predictability", router_kernel=None, mask_center: bool = False,
                  dechunk_sigma=None, plug_weights=None, dechunk_smoothing: bool = True,
                  learn_sigma: bool = True,
-                 class_dropout_prob: float = 0.1, norm_groups: int = 32,
+                 norm_groups: int = 32,
                  attn_backend: str = "auto", pe_coord_scale: float = 1.0,
                  cond_adaptor: bool = False,
                  # compatibility with the reference code (METHOD §11); defaults are the clean behaviour
@@ -71,7 +71,7 @@ class DCDiT(ConditionedModel):
         self.x_embedder = PatchEmbedND(in_channels, De, self.patch, mode=patch_mode)
         self.grid = self.x_embedder.token_grid(spatial)
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(num_classes, D, class_dropout_prob) if num_classes > 0 else None
+        self.y_embedder = LabelEmbedder(num_classes, D) if num_classes > 0 else None
         # upcycling: new modules read LN(c) through a trainable adaptor (METHOD §9.1)
         self.cond_adaptor = nn.LayerNorm(D, eps=1e-6) if cond_adaptor else None
 

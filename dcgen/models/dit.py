@@ -179,7 +179,7 @@ class ConditionedModel(nn.Module, PyTorchModelHubMixin, library_name="dcgen",
     def conditioning(self, t, y):
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
-            c = c + self.y_embedder(y, self.training)
+            c = c + self.y_embedder(y)
         return c
 
 
@@ -199,7 +199,7 @@ class DiT(ConditionedModel):
     def __init__(self, input_size=(32, 32), in_channels: int = 4, num_classes: int = 1000,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, patch_size=2, learn_sigma: bool = True,
-                 class_dropout_prob: float = 0.1, attn_backend: str = "auto",
+                 attn_backend: str = "auto",
                  block_adaln_init: str = "zero", class_embed_std: float = 0.02):
         super().__init__()
         self.class_embed_std = float(class_embed_std)
@@ -212,8 +212,7 @@ class DiT(ConditionedModel):
         self.x_embedder = PatchEmbedND(in_channels, hidden_size, self.patch, mode="dit")
         self.grid = self.x_embedder.token_grid(spatial)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-                           if num_classes > 0 else None)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         self.register_buffer("pos_embed", G.sincos_pos_embed(self.grid, hidden_size), persistent=False)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth))

@@ -55,22 +55,19 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding with a null row at index `num_classes`; in training each label is
-    replaced by the null label with probability `dropout_prob` (classifier-free guidance)."""
+    """Class embedding with a null row at index `num_classes` (classifier-free guidance). Label
+    dropout is the training loop's (`train.label_dropout`, drawn rank-invariantly), not the
+    model's: one knob."""
 
-    def __init__(self, num_classes: int, dim: int, dropout_prob: float = 0.1):
+    def __init__(self, num_classes: int, dim: int):
         super().__init__()
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, y: torch.Tensor, train: bool) -> torch.Tensor:
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
         if y is None:
             raise ValueError("this model is class-conditional: pass labels y (use index "
                              f"{self.num_classes} for the null label)")
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return self.embedding_table(y)
 
 
