@@ -7,7 +7,7 @@ Reads top to bottom in phases:
 3. this rank's share: samples [offset, offset + n_r) of num_samples, seed = seed * world + rank,
    labels uniform over the classes (DiT's sample_ddp protocol); 250 DDPM steps by default, CFG,
    Lite-CFG (tail_drop_uncond) and elastic tail dropping as configured
-4. decode and write. A task whose `write_samples` takes `start_index` (the image tasks) is fed
+4. decode and write. A task that declares `numbered_samples` (the image tasks) is fed
    chunk by chunk, every rank writing its own numbered files; otherwise every rank's decoded
    samples are gathered and written once by the main process
 5. costs, gathered: FLOPs per image in both conventions (§7.3; measured along the trajectory
@@ -23,7 +23,6 @@ FLOP conventions written to metrics.json:
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -120,14 +119,6 @@ def _peak_memory(device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "cpu_max_rss"
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
-
-
 def evaluate_command(cfg: DictConfig) -> Path | None:
     """`dcgen evaluate run_dir=... [num_samples steps sampler cfg_scale tail_drop ...]`.
     Returns the output directory on the main process (None on the others)."""
@@ -183,7 +174,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
 
     # 4. decode and write ---------------------------------------------------------------------------
     t0 = time.time()
-    streamed = _accepts(task.write_samples, "start_index")
+    streamed = bool(getattr(task, "numbered_samples", False))  # declared by the Task contract
     kept_data = []
     chunk = int(cfg.get("decode_batch_size") or cfg.batch_size)
     for i in range(0, n, chunk):

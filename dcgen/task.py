@@ -45,6 +45,9 @@ class Task:
     grid: tuple[int, ...] = ()
     channels: int = 0
     num_classes: int = 0  # 0 = unconditional
+    # write_samples(..., start_index=k) numbers its files from k, so the processes of one
+    # evaluation can write disjoint, chunked parts into one folder (the streamed `dcgen evaluate`)
+    numbered_samples: bool = False
 
     def train_dataset(self) -> Dataset:
         """A map-style dataset of `(x, y)`: x float32 `(C, *grid)` in model space, y int64 scalar
@@ -59,8 +62,8 @@ class Task:
                       labels: torch.Tensor | None = None) -> list[Path]:
         """Write decoded samples in the modality's native format; return the files written.
 
-        Tasks may accept `start_index=` so several processes can write numbered files into one
-        folder (the streamed `dcgen evaluate` uses it when present)."""
+        Tasks that set `numbered_samples = True` also take `start_index=` and number their files
+        from it, so several processes can write into one folder (the streamed `dcgen evaluate`)."""
         raise NotImplementedError
 
     def save_arrays(self, data, out_dir: str | Path, labels=None):

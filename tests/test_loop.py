@@ -271,3 +271,16 @@ def test_the_loop_does_not_import_checkpoint_conversion():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "[]"
+
+
+def test_tasks_declare_numbered_samples_truthfully():
+    import inspect as _inspect
+    from dcgen.tasks.imagenet_latent.task import ImageNetLatentTask
+    from dcgen.tasks.pixel.task import PixelTask
+    from dcgen.tasks.toy.task import ToyTask
+    from dcgen.tasks.video.task import VideoTask
+    from dcgen.tasks.voxel.task import VoxelTask
+    for cls in (PixelTask, ImageNetLatentTask, ToyTask, VideoTask, VoxelTask):
+        takes = "start_index" in _inspect.signature(cls.write_samples).parameters
+        assert takes == cls.numbered_samples, cls.__name__
+    assert ImageNetLatentTask.numbered_samples

@@ -52,6 +52,7 @@ class ImageNetLatentTask(Task):
     """
 
     name = "imagenet_latent"
+    numbered_samples = True  # write_samples takes start_index
 
     def __init__(self, cache_dir: str | Path, resolution: int = 256, num_classes: int | None = 1000,
                  vae: str | Path = DEFAULT_VAE, latent_scale: float = SD_SCALE,
