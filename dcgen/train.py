@@ -530,7 +530,7 @@ def train(cfg: DictConfig, return_model: bool = False):
                     loss = loss_diff
                     ratio = None
                     if is_dc:
-                        ratio = torch.stack([ratio_loss(s.boundary_prob, s.boundary_mask_natural, n_eff,
+                        ratio = torch.stack([ratio_loss(s.boundary_prob, s.boundary_mask, n_eff,
                                                         dc.ratio_group_size) for s in aux]).mean()
                         loss = loss + dc.ratio_weight * ratio
                     decision.mark(loss)  # on the device: no host sync per micro-step

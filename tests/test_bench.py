@@ -87,7 +87,7 @@ def test_fixed_mask_gives_the_target_density(batch):
     kept.remove()
     counts = aux[0].kept_counts.tolist()
     assert counts == [round(f * spec.L) for f in fracs]
-    assert aux[0].boundary_mask[:, [0, spec.L - 1]].all()  # corners stay forced
+    assert aux[0].kept_mask[:, [0, spec.L - 1]].all()  # corners stay forced
     assert all(h < c for h, c in zip(aux_half[0].kept_counts.tolist(), counts))
 
 

@@ -175,7 +175,7 @@ def test_cosine_routers(cls, grid):
 def test_kept_counts_and_forced_tokens(grid):
     r, e, route = _route(grid, bias=0.0)
     z, idx = ChunkLayer()(e, route, grid)
-    assert torch.equal(idx.lengths, (route.boundary_prob > 0.5).sum(1))
+    assert torch.equal(idx.kept_counts, (route.boundary_prob > 0.5).sum(1))
     assert idx.kept_mask[:, 0].all() and idx.kept_mask[:, -1].all()
     # packed order: sample by sample, raster order inside a sample
     for b in range(e.shape[0]):

@@ -254,7 +254,7 @@ def test_elastic_inference_flops_and_tokens(ws, tmp_path):
         for rho in (0.0, 0.15, 0.4, 0.75, 0.9):
             aux = model(x, t, y, tail_drop=rho)[1][0]
             n = aux.natural_counts
-            forced = aux.boundary_mask_natural[:, [0, 63]].sum(1)
+            forced = aux.boundary_mask[:, [0, 63]].sum(1)
             drop = torch.minimum(torch.floor(torch.tensor(rho, dtype=torch.float32) * n.float()).long(), n - forced)
             assert torch.equal(aux.kept_counts, n - drop), rho  # floor(rho * n) removed per sample
     assert int(n.min()) > 8  # the check above removed tokens

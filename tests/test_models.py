@@ -47,7 +47,7 @@ def test_batched_forward_equals_per_sample(grid, backend):
     assert len(set(counts.tolist())) > 1, "lengths should differ so packing is exercised"
     for b in range(x.shape[0]):
         ob, auxb = m(x[b:b + 1], t[b:b + 1], y[b:b + 1], tail_drop=float(rho[b]))
-        assert torch.equal(auxb[0].boundary_mask, aux[0].boundary_mask[b:b + 1])
+        assert torch.equal(auxb[0].kept_mask, aux[0].kept_mask[b:b + 1])
         assert (ob - out[b:b + 1]).abs().max().item() <= 1e-5
 
 
@@ -60,7 +60,7 @@ def test_outputs_do_not_depend_on_sample_order(grid):
     out, aux = m(x, t, y, tail_drop=rho)
     perm = torch.tensor([3, 1, 0, 2])
     outp, auxp = m(x[perm], t[perm], y[perm], tail_drop=rho[perm])
-    assert torch.equal(auxp[0].boundary_mask, aux[0].boundary_mask[perm])
+    assert torch.equal(auxp[0].kept_mask, aux[0].kept_mask[perm])
     assert (outp - out[perm]).abs().max().item() <= 1e-5
 
 
@@ -352,7 +352,7 @@ def test_backbone_input_is_encoder_tokens_plus_pos_embed_at_grid_coordinates(gri
     with torch.no_grad():
         _, aux = m(x, t, y, tail_drop=torch.tensor([0.0, 0.3, 0.5]))
     h1.remove(), h2.remove()
-    kept = aux[0].boundary_mask  # (B, L)
+    kept = aux[0].kept_mask  # (B, L)
     pe = G.sincos_pos_embed(m.grid, m.pos_embed.shape[-1])  # independent of the model's buffer
     want = []
     for b in range(kept.shape[0]):

@@ -619,7 +619,7 @@ def packing_pieces(dc: DCDiT, x, t, y, dev: torch.device, autocast) -> dict[str,
     put("chunk.from_mask", lambda: ChunkIndex.from_mask(idx.kept_mask, grid))
     put("chunk.gather", lambda: e.reshape(B * L, -1)[idx.flat_idx])
     # packing pieces that run inside the backbone (outside the router/chunk/dechunk hooks)
-    put("pack.packinfo", lambda: [(pk := PackInfo.from_chunk_index(idx)).padded_rows, pk.key_padding])
+    put("pack.packinfo", lambda: [idx.padded_rows, idx.key_padding])
     put("pack.pos_embed", lambda: z_chunk + dc.pos_embed[idx.pos_idx].to(z_chunk.dtype))
     with autocast():
         mod = blk.adaLN_modulation(d["c"])
@@ -663,7 +663,7 @@ def packing_pieces(dc: DCDiT, x, t, y, dev: torch.device, autocast) -> dict[str,
     out["_min"] = mins
     out["_meta"] = {"backend": backend, "T": T, "B": B, "M_max": M,
                     "padding_fraction": 1 - T / (B * M) if B * M else 0.0,
-                    "attn_pad_waste": 1 - sum(m * m for m in pack.lengths_host) / (B * M * M) if M else 0.0}
+                    "attn_pad_waste": 1 - sum(m * m for m in pack.kept_counts_host) / (B * M * M) if M else 0.0}
     return out
 
 

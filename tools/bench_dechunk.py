@@ -42,7 +42,7 @@ def main(argv=None):
     mask[:, [0, L - 1]] = True
     mask = mask.to(dev)
     idx = ChunkIndex.from_mask(mask, grid)
-    M = max(idx.lengths_host)
+    M = max(idx.kept_counts_host)
     z = torch.randn(idx.total, D, device=dev, requires_grad=args.backward)
     p = torch.rand(B, L, device=dev, requires_grad=args.backward)
     layer = DeChunkLayer(sigma=args.sigma)

@@ -321,7 +321,7 @@ def training_run(kind: str, dev, args, compiled: bool) -> dict:
             terms, aux = diffusion.training_losses(model, x, y, t=t, noise=noise)
             loss = terms["loss"].mean()
             if aux:
-                loss = loss + 0.03 * ratio_loss(aux[0].boundary_prob, aux[0].boundary_mask_natural, 4.0, 16)
+                loss = loss + 0.03 * ratio_loss(aux[0].boundary_prob, aux[0].boundary_mask, 4.0, 16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -8,6 +8,7 @@ plug-back uses an exact separable nearest-token search.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,23 +19,72 @@ from .router import RoutingModuleOutput
 
 
 @dataclass
-class ChunkIndex:
-    """Which grid positions are kept and where they sit in the packed sequence."""
+class PackInfo:
+    """What attention needs to know about a packed sequence of B segments (T tokens): built once
+    per forward. `ChunkIndex` extends it with where the tokens came from."""
 
-    grid: G.Grid
-    kept_mask: torch.Tensor  # (B, L) bool, after tail dropping
-    lengths: torch.Tensor  # (B,) int64, M_b
-    lengths_host: list[int]  # M_b on the host (the one sync per forward packing needs)
-    cu_seqlens: torch.Tensor  # (B + 1,) int32, [0, M_0, M_0 + M_1, ...]
-    max_seqlen: int  # M
-    flat_idx: torch.Tensor  # (T,) int64 index into the (B * L) flattened grid
-    batch_idx: torch.Tensor  # (T,) int64 sample of each packed token
-    pos_idx: torch.Tensor  # (T,) int64 raster index of each packed token
-    slot_idx: torch.Tensor  # (T,) int64 position of each packed token inside its sample
+    cu_seqlens: torch.Tensor  # (B + 1,) int32
+    max_seqlen: int
+    kept_counts_host: list[int]  # M_b on the host (the one sync per forward)
+    batch_idx: torch.Tensor  # (T,) sample of each token
+    slot_idx: torch.Tensor  # (T,) position of each token inside its sample
 
     @property
     def batch_size(self) -> int:
-        return self.kept_mask.shape[0]
+        return len(self.kept_counts_host)
+
+    @functools.cached_property
+    def padded_rows(self) -> torch.Tensor:
+        """(T,) row of each packed token in the (B * M) padded layout."""
+        return self.batch_idx * self.max_seqlen + self.slot_idx
+
+    @functools.cached_property
+    def key_padding(self) -> torch.Tensor:
+        """(B, 1, 1, M) True where a key is a real token."""
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        ar = torch.arange(self.max_seqlen, device=lengths.device)
+        return (ar[None, :] < lengths[:, None])[:, None, None, :]
+
+    @functools.cached_property
+    def xformers_bias(self):
+        """Built once per forward and shared by every block."""
+        import xformers.ops as xops
+        return xops.fmha.attn_bias.BlockDiagonalMask.from_seqlens(self.kept_counts_host)
+
+    @property
+    def uniform(self) -> bool:
+        """All samples have the same length: packed == padded, no mask needed."""
+        return min(self.kept_counts_host) == self.max_seqlen
+
+    @property
+    def pad_waste(self) -> float:
+        """Share of the padded layout's B * M^2 attention scores that belong to padding."""
+        M = self.max_seqlen
+        if M == 0:
+            return 0.0
+        return 1.0 - sum(m * m for m in self.kept_counts_host) / (self.batch_size * M * M)
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device=None) -> "PackInfo":
+        lengths_t = torch.tensor(lengths, device=device, dtype=torch.int64)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(lengths_t, 0)
+        batch_idx = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
+        slot_idx = torch.arange(int(cu[-1]), device=device) - cu[:-1].long()[batch_idx]
+        return PackInfo(cu_seqlens=cu, max_seqlen=max(lengths), kept_counts_host=list(lengths),
+                        batch_idx=batch_idx, slot_idx=slot_idx)
+
+
+@dataclass
+class ChunkIndex(PackInfo):
+    """Which grid positions are kept and where they sit in the packed sequence (the packing
+    fields are PackInfo's: no copies)."""
+
+    grid: G.Grid
+    kept_mask: torch.Tensor  # (B, L) bool, after tail dropping
+    kept_counts: torch.Tensor  # (B,) int64, M_b
+    flat_idx: torch.Tensor  # (T,) int64 index into the (B * L) flattened grid
+    pos_idx: torch.Tensor  # (T,) int64 raster index of each packed token
 
     @property
     def total(self) -> int:
@@ -44,7 +94,7 @@ class ChunkIndex:
     def from_mask(cls, kept: torch.Tensor, grid: G.Grid) -> "ChunkIndex":
         B, L = kept.shape
         lengths = kept.sum(1)  # (B,)
-        lengths_host = lengths.tolist()  # host sync: packing needs T and M
+        lengths_host = lengths.tolist()  # the host sync of a forward: packing needs T and M
         T = sum(lengths_host)
         flat_idx = torch.nonzero_static(kept.reshape(-1), size=T).squeeze(1)  # raster, per sample
         cu = torch.zeros(B + 1, dtype=torch.int32, device=kept.device)
@@ -52,7 +102,7 @@ class ChunkIndex:
         batch_idx = torch.div(flat_idx, L, rounding_mode="floor")
         pos_idx = flat_idx - batch_idx * L
         slot_idx = torch.arange(T, device=kept.device) - cu[:-1].long()[batch_idx]
-        return cls(grid=tuple(grid), kept_mask=kept, lengths=lengths, lengths_host=lengths_host,
+        return cls(grid=tuple(grid), kept_mask=kept, kept_counts=lengths, kept_counts_host=lengths_host,
                    cu_seqlens=cu, max_seqlen=max(lengths_host) if lengths_host else 0,
                    flat_idx=flat_idx, batch_idx=batch_idx, pos_idx=pos_idx, slot_idx=slot_idx)
 

@@ -34,5 +34,5 @@ def ratio_loss_from_aux(aux, target_n: float = 4.0, group_size: int = 16) -> tor
     """Average of the ratio loss over the chunking stages in a model's `aux`."""
     if not aux:
         raise ValueError("ratio loss needs the model's aux (per-stage router outputs); got none")
-    losses = [ratio_loss(s.boundary_prob, s.boundary_mask_natural, target_n, group_size) for s in aux]
+    losses = [ratio_loss(s.boundary_prob, s.boundary_mask, target_n, group_size) for s in aux]
     return torch.stack(losses).mean()

@@ -37,70 +37,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..chunking.chunk import PackInfo  # noqa: F401  (the packed-sequence description, shared)
+
 BACKENDS = ("auto", "sdpa", "loop", "xformers", "native")
 # largest padding waste at which `auto` still takes the padded sdpa path (see the docstring)
 PAD_WASTE_MAX = {"cpu": 0.0, "cuda": 0.1}
-
-
-@dataclass
-class PackInfo:
-    """What attention needs to know about the packed sequence; built once per forward."""
-
-    cu_seqlens: torch.Tensor  # (B + 1,) int32
-    max_seqlen: int
-    lengths_host: list[int]
-    batch_idx: torch.Tensor  # (T,) sample of each token
-    slot_idx: torch.Tensor  # (T,) position of each token inside its sample
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.lengths_host)
-
-    @functools.cached_property
-    def padded_rows(self) -> torch.Tensor:
-        """(T,) row of each packed token in the (B * M) padded layout."""
-        return self.batch_idx * self.max_seqlen + self.slot_idx
-
-    @functools.cached_property
-    def key_padding(self) -> torch.Tensor:
-        """(B, 1, 1, M) True where a key is a real token."""
-        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-        ar = torch.arange(self.max_seqlen, device=lengths.device)
-        return (ar[None, :] < lengths[:, None])[:, None, None, :]
-
-    @functools.cached_property
-    def xformers_bias(self):
-        """Built once per forward and shared by every block."""
-        import xformers.ops as xops
-        return xops.fmha.attn_bias.BlockDiagonalMask.from_seqlens(self.lengths_host)
-
-    @property
-    def uniform(self) -> bool:
-        """All samples have the same length: packed == padded, no mask needed."""
-        return min(self.lengths_host) == self.max_seqlen
-
-    @property
-    def pad_waste(self) -> float:
-        """Share of the padded layout's B * M^2 attention scores that belong to padding."""
-        M = self.max_seqlen
-        if M == 0:
-            return 0.0
-        return 1.0 - sum(m * m for m in self.lengths_host) / (self.batch_size * M * M)
-
-    @classmethod
-    def from_chunk_index(cls, idx) -> "PackInfo":
-        return cls(cu_seqlens=idx.cu_seqlens, max_seqlen=idx.max_seqlen,
-                   lengths_host=idx.lengths_host, batch_idx=idx.batch_idx, slot_idx=idx.slot_idx)
-
-    @classmethod
-    def from_lengths(cls, lengths: list[int], device=None) -> "PackInfo":
-        lengths_t = torch.tensor(lengths, device=device, dtype=torch.int64)
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-        cu[1:] = torch.cumsum(lengths_t, 0)
-        batch_idx = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
-        slot_idx = torch.arange(int(cu[-1]), device=device) - cu[:-1].long()[batch_idx]
-        return cls(cu_seqlens=cu, max_seqlen=max(lengths), lengths_host=list(lengths),
-                   batch_idx=batch_idx, slot_idx=slot_idx)
 
 
 @dataclass
@@ -117,14 +58,14 @@ class BucketedPack:
 
     @classmethod
     def from_pack(cls, pack: PackInfo, padded: int) -> "BucketedPack":
-        T = sum(pack.lengths_host)
+        T = sum(pack.kept_counts_host)
         extra = padded - T
         if extra < 0:
             raise ValueError(f"bucketed length {padded} < packed length {T}")
         zeros = pack.batch_idx.new_zeros(extra)
         return cls(cu_seqlens=pack.cu_seqlens, batch_idx=torch.cat([pack.batch_idx, zeros]),
                    slot_idx=torch.cat([pack.slot_idx, zeros]),
-                   lengths_cpu=torch.tensor(pack.lengths_host, dtype=torch.int64))
+                   lengths_cpu=torch.tensor(pack.kept_counts_host, dtype=torch.int64))
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,7 +140,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
     if backend == "loop":
         outs = []
         s = 0
-        for M in pack.lengths_host:  # host lengths: no device sync per block
+        for M in pack.kept_counts_host:  # host lengths: no device sync per block
             qs, ks, vs = (t[s:s + M].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, M_b, d)
             outs.append(F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1))
             s += M
@@ -235,7 +176,7 @@ def _real_rows(cu_seqlens, batch_idx, slot_idx, lengths_cpu) -> tuple[int, PackI
     lengths = lengths_cpu.tolist()  # a CPU tensor: no device sync
     T = sum(lengths)
     pack = PackInfo(cu_seqlens=cu_seqlens, max_seqlen=max(lengths) if lengths else 0,
-                    lengths_host=lengths, batch_idx=batch_idx[:T], slot_idx=slot_idx[:T])
+                    kept_counts_host=lengths, batch_idx=batch_idx[:T], slot_idx=slot_idx[:T])
     return T, pack
 
 

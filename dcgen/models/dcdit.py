@@ -14,7 +14,6 @@ import torch.nn as nn
 from ..chunking import grid as G
 from ..chunking.chunk import ChunkIndex, ChunkLayer, DeChunkLayer, ste
 from ..chunking.router import build_router
-from .attention import PackInfo
 from .dit import ConditionedModel, DiTBlock, init_block_adaln, init_conditioning, init_dit_linears
 from .layers import (ConvStack, FinalLayer, LabelEmbedder, PatchEmbedND, RMSNorm, TimestepEmbedder,
                      fp32_call, unpatchify)
@@ -22,15 +21,18 @@ from .layers import (ConvStack, FinalLayer, LabelEmbedder, PatchEmbedND, RMSNorm
 
 @dataclass
 class StageAux:
-    """Per-stage router outputs returned by the forward (nothing is cached on the module)."""
+    """Per-stage router outputs returned by the forward (nothing is cached on the module). The
+    chunking vocabulary (docs/design.md): boundary_prob p; boundary_mask the natural boundaries
+    p > 0.5 (H-Net's name, as in the router's output); kept_mask what tail dropping left;
+    selected_probs kappa; kept_counts / natural_counts their sizes per sample."""
 
     grid: G.Grid
     boundary_prob: torch.Tensor  # (B, L) p, fp32
-    boundary_mask: torch.Tensor  # (B, L) kept after tail dropping
-    boundary_mask_natural: torch.Tensor  # (B, L) p > 0.5
+    boundary_mask: torch.Tensor  # (B, L) natural boundaries, p > 0.5
+    kept_mask: torch.Tensor  # (B, L) kept after tail dropping (subset of boundary_mask)
     selected_probs: torch.Tensor  # (B, L) kappa
-    kept_counts: torch.Tensor  # (B,) M_b
-    natural_counts: torch.Tensor  # (B,) |natural boundaries|
+    kept_counts: torch.Tensor  # (B,) M_b = kept_mask.sum(1)
+    natural_counts: torch.Tensor  # (B,) boundary_mask.sum(1)
 
 
 def default_sigma(grid: G.Grid) -> tuple[float, ...]:
@@ -132,13 +134,12 @@ class DCDiT(ConditionedModel):
         # 2. route and chunk
         route = fp32_call(self.router, e, grid)  # p, natural mask, kappa: (B, L) fp32
         z, idx = self.chunk(e, route, grid, tail_drop)  # (T, D), a gather: e's dtype
-        pack = PackInfo.from_chunk_index(idx)
 
         # 3. backbone on the kept tokens, position embedding at their original coordinates; the
         # add promotes the chunk to the fp32 residual stream (never the table down to bf16)
         sd = self.stream_dtype
         z = z.to(sd) + self.pos_embed[idx.pos_idx].to(sd)  # (T, D) fp32
-        z = self.run_blocks(z, c, pack)  # (T, D) fp32
+        z = self.run_blocks(z, c, idx)  # the ChunkIndex is the packing attention needs  # (T, D) fp32
         z = self.backbone_norm(z)
 
         # 4. de-chunk, STE-weighted residual merge (fp32), decoder
@@ -159,6 +160,6 @@ class DCDiT(ConditionedModel):
 
     @staticmethod
     def stage_aux(route, idx: ChunkIndex) -> StageAux:
-        return StageAux(grid=idx.grid, boundary_prob=route.boundary_prob, boundary_mask=idx.kept_mask,
-                        boundary_mask_natural=route.boundary_mask, selected_probs=route.selected_probs,
-                        kept_counts=idx.lengths, natural_counts=route.boundary_mask.sum(1))
+        return StageAux(grid=idx.grid, boundary_prob=route.boundary_prob, boundary_mask=route.boundary_mask,
+                        kept_mask=idx.kept_mask, selected_probs=route.selected_probs,
+                        kept_counts=idx.kept_counts, natural_counts=route.boundary_mask.sum(1))

@@ -205,4 +205,4 @@ def model_region_compression(model, objective, x0: torch.Tensor, y: torch.Tensor
         raise ValueError("model_region_compression needs a DC-DiT (the model returned no aux)")
     grid = tuple(aux[0].grid)
     patch = tuple(g // tg for g, tg in zip(x0.shape[2:], grid))
-    return compression_by_region(aux[0].boundary_mask, x0, patch)
+    return compression_by_region(aux[0].kept_mask, x0, patch)
