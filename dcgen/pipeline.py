@@ -56,7 +56,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .codec import SD_SCALE
 from .diffusion.gaussian import GaussianDiffusion, space_timesteps
-from .diffusion.guidance import guided_model
+from .diffusion.guidance import conditional_net
 
 log = logging.getLogger("dcgen.pipeline")
 
@@ -222,17 +222,6 @@ def denoise(net, scheduler, x: torch.Tensor, y: torch.Tensor | None, num_inferen
         # in the sample's dtype: a bf16 model's output must not make the step draw bf16 noise
         x = scheduler.step(model_output.to(x.dtype), t, x, **step_kw).prev_sample
     return x
-
-
-def _conditional_net(model, guidance_scale: float, cfg_channels: str, tail_drop, tail_drop_uncond):
-    """The model interface with CFG / Lite-CFG (class-conditional) or a plain call."""
-    nc = int(getattr(model, "num_classes", 0) or 0)
-    if nc > 0:
-        return guided_model(model, guidance_scale, null_label=nc, cfg_channels=cfg_channels,
-                            tail_drop=tail_drop, tail_drop_uncond=tail_drop_uncond)
-    if guidance_scale != 1.0:
-        raise ValueError("guidance needs a class-conditional model (this one has num_classes=0)")
-    return lambda x, t, y=None, **kw: model(x, t, None, tail_drop=tail_drop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,8 +394,8 @@ class DCDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
             latents = latents.to(device=device, dtype=torch.float32)
 
-        net = _conditional_net(model, guidance_scale, cfg_channels or self.config.cfg_channels,
-                               tail_drop, tail_drop_uncond)
+        net = conditional_net(model, int(getattr(model, "num_classes", 0) or 0), guidance_scale,
+                              cfg_channels or self.config.cfg_channels, tail_drop, tail_drop_uncond)
         maps, kept, ts = [], [], []
 
         def record(i, t, x_t, out, aux):

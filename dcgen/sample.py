@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .diffusion.gaussian import host_to_device
+from .diffusion.guidance import conditional_net
 
 log = logging.getLogger("dcgen.sample")
 
@@ -23,16 +24,6 @@ def pick_device(choice: str = "auto") -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def _wrap(model, num_classes: int, cfg_scale: float, cfg_channels: str, tail_drop, tail_drop_uncond):
-    from .diffusion import guided_model
-    if num_classes > 0:
-        return guided_model(model, cfg_scale, null_label=num_classes, cfg_channels=cfg_channels,
-                            tail_drop=tail_drop, tail_drop_uncond=tail_drop_uncond)
-    if cfg_scale != 1.0:
-        raise ValueError("cfg_scale needs a class-conditional model (this one has num_classes=0)")
-    return lambda x, t, y=None, **kw: model(x, t, None, tail_drop=tail_drop)
 
 
 SAMPLING_KEYS = ("num_samples", "batch_size", "steps", "sampler", "cfg_scale", "cfg_channels",
@@ -76,7 +67,7 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
             labels = labels.repeat(math.ceil(num_samples / labels.numel()))[:num_samples]
         if nc and (labels.min() < 0 or labels.max() >= nc):
             raise ValueError(f"labels must lie in [0, {nc}), got {labels.tolist()}")
-    net = _wrap(model, nc, cfg_scale, cfg_channels, tail_drop, tail_drop_uncond)
+    net = conditional_net(model, nc, cfg_scale, cfg_channels, tail_drop, tail_drop_uncond)
     shape_one = (task.channels, *task.grid)
     outs, rec = [], {"ts": None, "kept": [], "mean_p": [], "maps": {}, "step_flops": []}
     map_calls = None

@@ -56,3 +56,16 @@ def random_mask(B, grid, density, gen, force_corners=True):
     else:
         mask[mask.sum(1) == 0, 0] = True
     return mask
+
+
+def randomise_zero_inits(model, seed=0, router_bias=0.0):
+    """Fresh models output exactly zero: give the zero-initialised layers values and set the
+    router's last bias, so outputs, gradients and the number of kept tokens are all non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        if hasattr(model, "router") and hasattr(model.router, "residual_scorer"):
+            model.router.residual_scorer[3].bias.fill_(router_bias)
+    return model

@@ -13,17 +13,11 @@ from torch._dynamo.utils import counters
 from dcgen.models import DCDiT, DiT
 from dcgen.models import attention as A
 from dcgen.models.compile import bucket_length, bucket_sizes, compile_backbone
+from oracles import randomise_zero_inits
 
 
 def randomise(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        if hasattr(model, "router"):
-            model.router.residual_scorer[3].bias.fill_(0.0)
-    return model
+    return randomise_zero_inits(model, seed)
 
 
 def tiny_dcdit(seed=0):

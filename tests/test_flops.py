@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dcgen.flops import (FlopMeter, attention_macs, dcdit_tflops_per_image, dit_gflops,
                          model_flops, per_sample_macs, step_macs)
 from dcgen.models import DCDiT, DiT, build, config_node
+from oracles import randomise_zero_inits
 
 SCAFFOLD = ("embed", "encoder", "router", "decoder", "final")
 
@@ -118,16 +119,7 @@ def tiny_dcdit(grid, **kw):
 
 
 def randomise(model, seed=0):
-    """The zero-initialised layers get values and the router bias 0, so routing keeps a
-    sample-dependent number of tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        if hasattr(model, "router") and hasattr(model.router, "residual_scorer"):
-            model.router.residual_scorer[3].bias.fill_(0.0)
-    return model.eval()
+    return randomise_zero_inits(model, seed).eval()
 
 
 def inputs(grid, B, C=4, seed=0):

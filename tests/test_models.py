@@ -5,6 +5,7 @@ import torch
 from dcgen.chunking import grid as G
 from dcgen.models import DCDiT, DiT, build, config_node
 from dcgen.models.attention import PackInfo, available_backends, varlen_attention
+from oracles import randomise_zero_inits
 
 RANK_GRIDS = [(24,), (8, 10), (4, 6, 5)]
 
@@ -14,19 +15,6 @@ def tiny_dcdit(grid, **kw):
                 norm_groups=8)
     args.update(kw)
     return DCDiT(**args)
-
-
-def randomise_zero_inits(model, seed=0, router_bias=0.0):
-    """Fresh models output exactly zero; give the zero-initialised layers values so that outputs,
-    gradients and routing are all non-trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        if hasattr(model, "router"):
-            model.router.residual_scorer[3].bias.fill_(router_bias)
-    return model
 
 
 def inputs(grid, B=4, C=3, seed=0, classes=5):

@@ -9,6 +9,7 @@ from dcgen.chunking import grid as G
 from dcgen.chunking.router import finish_probs
 from dcgen.models import DCDiT, DiT
 from dcgen.models import attention as A
+from oracles import randomise_zero_inits
 
 BF16 = torch.bfloat16
 COMPAT = dict(block_adaln_init="xavier", residual_proj_init="xavier", residual_autocast=True,
@@ -16,16 +17,7 @@ COMPAT = dict(block_adaln_init="xavier", residual_proj_init="xavier", residual_a
 
 
 def randomise(model, seed=0):
-    """Zero-initialised layers get values and the router bias 0, so outputs, gradients and the
-    number of kept tokens are all non-trivial (the pattern of tests/test_flops.py)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        if hasattr(model, "router"):
-            model.router.residual_scorer[3].bias.fill_(0.0)
-    return model.eval()
+    return randomise_zero_inits(model, seed).eval()
 
 
 def tiny_dcdit(seed=0, grid=(16, 16), **kw):

@@ -84,3 +84,16 @@ def guided_model(model, cfg_scale: float, null_label: int, cfg_channels: str = "
     tail_drop_uncond: ρ_u for the unconditional half (None = ρ_c; Lite-CFG: 0.9 with ρ_c = 0).
     """
     return GuidedModel(model, cfg_scale, null_label, cfg_channels, tail_drop, tail_drop_uncond)
+
+
+def conditional_net(model, num_classes: int, cfg_scale: float = 1.0, cfg_channels: str = "all",
+                    tail_drop=0.0, tail_drop_uncond=None):
+    """The callable the samplers run: CFG / Lite-CFG for a class-conditional model, a plain call
+    at `tail_drop` for an unconditional one (which cannot be guided)."""
+    if num_classes > 0:
+        return guided_model(model, cfg_scale, null_label=num_classes, cfg_channels=cfg_channels,
+                            tail_drop=tail_drop, tail_drop_uncond=tail_drop_uncond)
+    if cfg_scale != 1.0:
+        raise ValueError("guidance (cfg_scale != 1) needs a class-conditional model (this one has "
+                         "num_classes=0)")
+    return lambda x, t, y=None, **kw: model(x, t, None, tail_drop=tail_drop)
