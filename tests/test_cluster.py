@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from dcgen.checkpoint import latest_checkpoint
 from dcgen.cli import main
+from test_train import final_weights, run_cli
 
 PY = sys.executable
 TOY = ["task=toy", "task.grid=[8,8]", "task.num_samples=64", "model=dcdit_debug",
@@ -24,22 +24,13 @@ TOY = ["task=toy", "task.grid=[8,8]", "task.num_samples=64", "model=dcdit_debug"
 EXIT_PREEMPTED = 75
 
 
-def cli(args, env=None, check=True, timeout=600):
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    e.pop("DCGEN_DEBUG", None)
-    p = subprocess.run([PY, "-m", "dcgen", *args], capture_output=True, text=True, env=e, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"dcgen {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return p
-
-
-def weights(run_dir):
-    ck = latest_checkpoint(run_dir)
-    return load_file(ck / "model.safetensors"), load_file(ck / "ema.safetensors"), ck
+def cli(args, env=None, check=True):
+    """`dcgen ...` in a subprocess with one thread (test_train.run_cli)."""
+    return run_cli(args, env={"OMP_NUM_THREADS": "1", **(env or {})}, check=check)
 
 
 def assert_same_weights(a_dir, b_dir):
-    (ma, ea, ca), (mb, eb, cb) = weights(a_dir), weights(b_dir)
+    (ma, ea, ca), (mb, eb, cb) = final_weights(a_dir), final_weights(b_dir)
     assert ca.name == cb.name
     for a, b in ((ma, mb), (ea, eb)):
         assert a.keys() == b.keys()
