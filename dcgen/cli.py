@@ -367,6 +367,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .train import NonFiniteLossError, TrainingPreempted
     try:
+        return _main(argv, NonFiniteLossError, TrainingPreempted)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group():
+    """Every process of a launch closes its process group before it exits, whatever ended the
+    command (done, bad input, a non-finite loss, preemption): a process that exits with gloo
+    still open can abort in its teardown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _main(argv, NonFiniteLossError, TrainingPreempted) -> int:
+    try:
         run(argv[0], argv[1:])
     except TrainingPreempted as e:
         print(f"dcgen {argv[0]}: {e}", file=sys.stderr)

@@ -196,72 +196,58 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
             "data": torch.cat(kept_data) if kept_data else None}
     parts = gather_object([mine]) if world > 1 else [mine]
     if not is_main:
-        _finish(state)
         return None
-    try:
-        parts.sort(key=lambda p: p["rank"])
+    parts.sort(key=lambda p: p["rank"])
 
-        # 6. metrics on the main process ----------------------------------------------------------------
-        eval_kwargs = OmegaConf.to_container(cfg.get("evaluate") or {}, resolve=True)
-        if labels is not None or any(p["labels"] is not None for p in parts):
-            np.save(out_dir / "labels.npy", np.concatenate([p["labels"] for p in parts if p["n"]]))
-        if streamed:
-            samples = None
-        else:
-            samples = torch.cat([p["data"] for p in parts if p["data"] is not None])
-            task.write_samples(samples, out_dir, labels=torch.from_numpy(np.load(out_dir / "labels.npy"))
-                               if (out_dir / "labels.npy").exists() else None)
-        metrics = dict(task.evaluate(samples, out_dir, device=device, **eval_kwargs) or {})
+    # 6. metrics on the main process ----------------------------------------------------------------
+    eval_kwargs = OmegaConf.to_container(cfg.get("evaluate") or {}, resolve=True)
+    if labels is not None or any(p["labels"] is not None for p in parts):
+        np.save(out_dir / "labels.npy", np.concatenate([p["labels"] for p in parts if p["n"]]))
+    if streamed:
+        samples = None
+    else:
+        samples = torch.cat([p["data"] for p in parts if p["data"] is not None])
+        task.write_samples(samples, out_dir, labels=torch.from_numpy(np.load(out_dir / "labels.npy"))
+                           if (out_dir / "labels.npy").exists() else None)
+    metrics = dict(task.evaluate(samples, out_dir, device=device, **eval_kwargs) or {})
 
-        N = sum(p["n"] for p in parts)
-        per_image = np.concatenate([p["per_image"] for p in parts if p["n"]])  # (N, 5)
-        L = int(math.prod(getattr(model, "grid", task.grid)))
-        K = max(len(p["ts"]) for p in parts)
-        metrics.update({
-            "num_samples": N,
-            "gflops_per_forward": float(per_image[:, _MACS_COND].mean() / max(K, 1) / 1e9),
-            "tflops_per_image": float(2 * per_image[:, _MACS_ALL].mean() / 1e12),
-            "tflops_per_image_reference_counter": float(2 * per_image[:, _MACS_ALL_REF].mean() / 1e12),
-            "tokens_kept_mean": float(per_image[:, _KEPT_COND].mean()),
-            "tokens_grid": L,
-            "kept_fraction_mean": float(per_image[:, _KEPT_COND].mean() / L),
-            "latency_per_image_s": float(np.mean([p["seconds"] / p["n"] for p in parts if p["n"]])),
-            "images_per_s": float(N / max(max(p["seconds"] for p in parts), 1e-9)),
-            "decode_seconds": float(max(p["decode_seconds"] for p in parts)),
-            "peak_memory_bytes": int(max(p["peak"] for p in parts)),
-            "peak_memory_kind": peak_kind,
-            "processes": world,
-        })
-        if branches == 2:
-            metrics["tokens_kept_mean_uncond"] = float(per_image[:, _KEPT_UNCOND].mean())
-        kept_steps = [p["kept_by_step"] for p in parts if p["n"] and p["kept_by_step"] is not None]
-        if kept_steps and K:
-            metrics["per_step"] = {"t": parts[0]["ts"] or next(p["ts"] for p in parts if p["ts"]),
-                                   "tokens_kept_mean": (np.sum(kept_steps, 0) / N).tolist()}
-        protocol = sampling_args(cfg, ecfg)
-        metrics["protocol"] = {
-            **{k: protocol[k] for k in ("steps", "sampler", "cfg_scale", "cfg_channels", "tail_drop",
-                                        "tail_drop_uncond")},
-            "seed": cfg.seed, "rank_seeds": [rank_seed(cfg.seed, world, r) for r in range(world)],
-            "cfg_branches": branches, "model": type(model).__name__, "run_dir": str(cfg.run_dir),
-            "flop_conventions": {"gflops_per_forward": "DiT: MACs per forward of one image (G)",
-                                 "tflops_per_image": "DC-DiT: sum over steps of 2*MACs, all branches (T)"}}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-        log.info("metrics: %s", {k: v for k, v in metrics.items() if k not in ("protocol", "per_step")})
-        print(out_dir)
-        return out_dir
-    finally:
-        _finish(state)
-
-
-def _finish(state):
-    """Close this rank's process group before it exits (no barrier: the main process may score
-    for a long time). A rank that exits with the group still open can abort in the communication
-    library's teardown ("terminate called without an active exception")."""
-    if state.num_processes > 1:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    N = sum(p["n"] for p in parts)
+    per_image = np.concatenate([p["per_image"] for p in parts if p["n"]])  # (N, 5)
+    L = int(math.prod(getattr(model, "grid", task.grid)))
+    K = max(len(p["ts"]) for p in parts)
+    metrics.update({
+        "num_samples": N,
+        "gflops_per_forward": float(per_image[:, _MACS_COND].mean() / max(K, 1) / 1e9),
+        "tflops_per_image": float(2 * per_image[:, _MACS_ALL].mean() / 1e12),
+        "tflops_per_image_reference_counter": float(2 * per_image[:, _MACS_ALL_REF].mean() / 1e12),
+        "tokens_kept_mean": float(per_image[:, _KEPT_COND].mean()),
+        "tokens_grid": L,
+        "kept_fraction_mean": float(per_image[:, _KEPT_COND].mean() / L),
+        "latency_per_image_s": float(np.mean([p["seconds"] / p["n"] for p in parts if p["n"]])),
+        "images_per_s": float(N / max(max(p["seconds"] for p in parts), 1e-9)),
+        "decode_seconds": float(max(p["decode_seconds"] for p in parts)),
+        "peak_memory_bytes": int(max(p["peak"] for p in parts)),
+        "peak_memory_kind": peak_kind,
+        "processes": world,
+    })
+    if branches == 2:
+        metrics["tokens_kept_mean_uncond"] = float(per_image[:, _KEPT_UNCOND].mean())
+    kept_steps = [p["kept_by_step"] for p in parts if p["n"] and p["kept_by_step"] is not None]
+    if kept_steps and K:
+        metrics["per_step"] = {"t": parts[0]["ts"] or next(p["ts"] for p in parts if p["ts"]),
+                               "tokens_kept_mean": (np.sum(kept_steps, 0) / N).tolist()}
+    protocol = sampling_args(cfg, ecfg)
+    metrics["protocol"] = {
+        **{k: protocol[k] for k in ("steps", "sampler", "cfg_scale", "cfg_channels", "tail_drop",
+                                    "tail_drop_uncond")},
+        "seed": cfg.seed, "rank_seeds": [rank_seed(cfg.seed, world, r) for r in range(world)],
+        "cfg_branches": branches, "model": type(model).__name__, "run_dir": str(cfg.run_dir),
+        "flop_conventions": {"gflops_per_forward": "DiT: MACs per forward of one image (G)",
+                             "tflops_per_image": "DC-DiT: sum over steps of 2*MACs, all branches (T)"}}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    log.info("metrics: %s", {k: v for k, v in metrics.items() if k not in ("protocol", "per_step")})
+    print(out_dir)
+    return out_dir
 
 
 def _json_default(o):
