@@ -1,5 +1,6 @@
 """tools/compare.py end to end in a tiny configuration: two experiments (DC-DiT and DiT/4 on the
-digits), two evaluation points, a few samples, FID through a random-weight Inception."""
+digits), two seeds trained side by side, two evaluation points, a few samples, FID through a
+random-weight Inception, two guidance scales, boundary maps."""
 import importlib.util
 import json
 from pathlib import Path
@@ -24,20 +25,72 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert compare.main(["--experiments", "digits_dcdit", "digits_dit4", "--out", str(out), "--steps", "4",
                          "--eval-every", "2", "--num-samples", "10", "--sample-steps", "2",
                          "--tail-drops", "0", "0.5", "--inception", str(weights), "--reference-limit", "20",
-                         "--batch-size", "10", *tiny]) == 0
+                         "--batch-size", "10", "--seeds", "0", "1", "--jobs", "2", "--cfg-scale", "2", "1",
+                         "--map-samples", "2", *tiny]) == 0
     summary = json.loads((out / "compare.json").read_text())
-    dc, dit = summary["results"]["digits_dcdit"], summary["results"]["digits_dit4"]
-    assert [p["step"] for p in dc["points"]] == [2, 4]
-    last = dc["points"][-1]["evals"]
-    assert [e["tail_drop"] for e in last] == [0.0, 0.5]  # budgets at the last point, DC-DiT only
-    assert len(dit["points"][-1]["evals"]) == 1
-    for e in last + dit["points"][-1]["evals"]:
-        assert e["fid"] >= 0 and 0 <= e["class_accuracy"] <= 1
-        assert e["gflops_per_forward"] > 0 and e["tflops_per_image"] > 0
-    assert last[1]["tokens_kept_mean"] <= last[0]["tokens_kept_mean"]
-    assert last[1]["gflops_per_forward"] <= last[0]["gflops_per_forward"]
-    assert dc["seconds_per_step"] > 0
+    dc, dit = summary["results"]["digits_dcdit"]["seeds"], summary["results"]["digits_dit4"]["seeds"]
+    assert sorted(dc) == sorted(dit) == ["0", "1"]
+    for seed in ("0", "1"):
+        assert [p["step"] for p in dc[seed]["points"]] == [2, 4]
+        last = dc[seed]["points"][-1]["evals"]
+        # budgets at the last point, DC-DiT only; the second scale at rho 0
+        assert [(e["tail_drop"], e["cfg_scale"]) for e in last] == [(0.0, 2.0), (0.5, 2.0), (0.0, 1.0)]
+        assert [(e["tail_drop"], e["cfg_scale"]) for e in dit[seed]["points"][-1]["evals"]] == [(0, 2), (0, 1)]
+        assert [e["cfg_scale"] for e in dc[seed]["points"][0]["evals"]] == [2.0]
+        for e in last + dit[seed]["points"][-1]["evals"]:
+            assert e["fid"] >= 0 and 0 <= e["class_accuracy"] <= 1
+            assert e["gflops_per_forward"] > 0 and e["tflops_per_image"] > 0
+        assert last[1]["tokens_kept_mean"] <= last[0]["tokens_kept_mean"]
+        assert last[1]["gflops_per_forward"] <= last[0]["gflops_per_forward"]
+        # the guided rows pay for two branches, the DiT convention counts one forward
+        assert last[0]["tflops_per_image"] > last[2]["tflops_per_image"]
+        assert dc[seed]["seconds_per_step"] > 0
+        maps = out / "digits_dcdit" / f"seed{seed}" / "maps"
+        assert (maps / "kept_fraction_vs_t.png").is_file() and (maps / "boundary_map_00.png").is_file()
+    # two seeds of the same run differ (the seed reaches training and sampling)
+    assert dc["0"]["points"][-1]["evals"][0]["fid"] != dc["1"]["points"][-1]["evals"][0]["fid"]
     md = (out / "compare.md").read_text()
-    assert "| digits_dcdit | 4 | 0.5 |" in md and "| digits_dit4 | 4 | 0 |" in md
-    for name in ("quality_vs_steps.png", "quality_vs_gflops.png"):
+    assert "| digits_dcdit | 4 | 0.5 | 2 |" in md and "| digits_dit4 | 4 | 0 | 1 |" in md
+    assert " ± " in md  # mean and spread over the two seeds
+    for name in ("quality_vs_steps.png", "quality_vs_gflops.png", "samples_side_by_side.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_make_shapes_writes_closed_varied_reproducible_meshes(tmp_path):
+    import numpy as np
+    import trimesh
+    shapes = load_tool("make_shapes")
+    a = shapes.write_shapes(tmp_path / "a", per_class=2, seed=3)
+    b = shapes.write_shapes(tmp_path / "b", per_class=2, seed=3)
+    assert len(a) == 2 * len(shapes.CLASSES)
+    assert sorted(p.parent.name for p in a) == sorted(list(shapes.CLASSES) * 2)
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes()  # the seed decides everything
+    meshes = [trimesh.load(p) for p in a]
+    assert all(m.is_watertight for m in meshes)
+    # two draws of one class differ in proportions (not only in size, which voxelising removes)
+    ext = [np.sort(m.extents) / m.extents.max() for m in meshes[:2]]
+    assert np.abs(ext[0] - ext[1]).max() > 1e-3
+
+
+def test_compare_scores_voxels_with_shape_metrics(tmp_path):
+    """The voxel comparison: procedural shapes, 1-NNA/COV/MMD instead of FID."""
+    compare = load_tool("compare")
+    shapes = load_tool("make_shapes")
+    root = tmp_path / "shapes"
+    shapes.write_shapes(root, per_class=2, seed=0)
+    out = tmp_path / "cmp"
+    tiny = [f"task.root={root}", "task.resolution=8", "model.hidden_size=64", "model.depth=1",
+            "model.num_heads=2", "train.global_batch_size=4", "train.log_every=1",
+            "train.ckpt_every=2", "train.log_with=none"]
+    assert compare.main(["--experiments", "voxels_dcdit", "voxels_dit4", "--out", str(out), "--steps", "2",
+                         "--eval-every", "2", "--num-samples", "6", "--sample-steps", "2",
+                         "--tail-drops", "0", "0.5", "--num-reference", "6", "--batch-size", "6",
+                         "--map-samples", "0", *tiny]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    for exp in ("voxels_dcdit", "voxels_dit4"):
+        e = summary["results"][exp]["seeds"]["0"]["points"][-1]["evals"][0]
+        assert 0 <= e["1nna_cd"] <= 1 and 0 <= e["cov_cd"] <= 1 and e["mmd_cd"] >= 0 and "fid" not in e
+    md = (out / "compare.md").read_text()
+    assert "1-NNA (CD)" in md and "| voxels_dcdit | 2 | 0.5 |" in md
+    assert (out / "quality_vs_gflops.png").stat().st_size > 1000

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dcgen.chunking import grid as G
-from dcgen.models import DCDiT, DiT, build, config_node
+from dcgen.models import DCDiT, DiT, build, config_node, describe
 from dcgen.models.attention import PackInfo, available_backends, varlen_attention
 from oracles import randomise_zero_inits
 
@@ -371,3 +371,32 @@ def test_each_sample_attends_only_to_itself(backend):
         q2, k2, v2 = (a + 3.0 * others * torch.randn(T, H, d, generator=gen) for a in (q, k, v))
         out2 = varlen_attention(q2, k2, v2, pack, backend)
         assert torch.equal(out2[s:s + M], out[s:s + M]), (backend, b)
+
+
+@pytest.mark.parametrize("grid", RANK_GRIDS)
+def test_conv_padding_decides_whether_a_flat_input_routes_flat(grid):
+    """A constant input carries no position: with replicate/reflect padding every full-resolution
+    conv keeps it constant, so the router's probabilities are one value on every token it is
+    free to choose; zero padding makes the border tokens differ (the position leak that draws
+    the clean-timestep stripes, docs/results.md)."""
+    x = torch.full((2, 3, *grid), -1.0)
+    t, y = torch.tensor([0, 500]), torch.tensor([1, 2])
+    spread = {}
+    for mode in ("zeros", "replicate", "reflect"):
+        torch.manual_seed(0)
+        m = randomise_zero_inits(tiny_dcdit(grid, conv_padding=mode)).eval()
+        with torch.no_grad():
+            _, aux = m(x, t, y)
+        p = aux[0].boundary_prob
+        free = p < 1  # the forced boundaries (first/last token) are exactly 1
+        spread[mode] = max(float(p[b][free[b]].max() - p[b][free[b]].min()) for b in range(2))
+    assert spread["replicate"] < 1e-5 and spread["reflect"] < 1e-5, spread
+    assert spread["zeros"] > 1e-3, spread
+
+
+def test_conv_padding_is_checked_and_described():
+    with pytest.raises(ValueError, match="conv_padding"):
+        tiny_dcdit((8, 8), conv_padding="circularish")
+    m = tiny_dcdit((8, 8), conv_padding="reflect")
+    assert m.config["conv_padding"] == "reflect"
+    assert build(describe(m)).conv_padding == "reflect"

