@@ -6,6 +6,9 @@ precision and renovation work) with one CPU thread; torch 2.14.1 and 2.15.0 agre
 - attn_backend=auto: since `auto` chooses attention by cost (per-sample attention when kept
   lengths differ on the CPU), the float summation order in attention changed: a new hash, recorded
   when that fix landed. Any other change of either hash is a change of numbers to be named.
+
+The run states the defaults it was recorded under where they have since changed (the digits
+defaults became lr 1e-3 and N(0, 1) label codes; a change of configuration, not of code).
 """
 import hashlib
 
@@ -33,6 +36,7 @@ def test_fixed_seed_toy_run_weights_are_unchanged(tmp_path, backend):
         "train.global_batch_size=8", "train.sample_every=0", "train.log_every=20", "dc.ratio_group_size=4",
         "dc.multi_budget_start_step=5", "train.max_steps=20", "train.ckpt_every=0", "seed=0",
         "train.num_threads=1", "train.log_with=none", f"model.attn_backend={backend}",
+        "optim.lr=3e-4", "model.class_embed_std=0.02",
         f"run_dir={tmp_path / 'run'}"])
     threads = torch.get_num_threads()
     try:

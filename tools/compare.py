@@ -189,11 +189,27 @@ def _fmt(values: list, digits: int) -> str:
     return f"{m:.{digits}f}" if len(values) < 2 else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
-def merged_evals(results: dict, exp: str, point: int) -> list[list[dict]]:
-    """Per eval of point index `point`: the rows of every seed."""
-    seeds = results[exp]["seeds"]
-    rows = [seeds[s]["points"][point]["evals"] for s in seeds]
-    return [list(col) for col in zip(*rows)]
+def merged(results: dict, exp: str) -> dict:
+    """{(step, tail_drop, cfg_scale): [the row of every seed that has it]}, in step order."""
+    out = {}
+    for r in results[exp]["seeds"].values():
+        for p in r["points"]:
+            for e in p["evals"]:
+                out.setdefault((p["step"], e["tail_drop"], e["cfg_scale"]), []).append(e)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][2] != _main_scale(results, exp), kv[0][1])))
+
+
+def _main_scale(results: dict, exp: str) -> float:
+    """The guidance scale used at every point (the first of --cfg-scale)."""
+    return next(iter(results[exp]["seeds"].values()))["points"][0]["evals"][0]["cfg_scale"]
+
+
+def _errorbar(ax, xs, cols, key, label, annotate=None):
+    ms = [_mean_spread([e.get(key) for e in c]) for c in cols]
+    ax.errorbar(xs, [m for m, _ in ms], yerr=[h for _, h in ms], fmt="o-", capsize=3, label=label)
+    for x, (m, _), c in zip(xs, ms, cols):
+        if annotate and annotate(c[0]):
+            ax.annotate(annotate(c[0]), (x, m), fontsize=6)
 
 
 def plots(results: dict, out: Path):
@@ -201,21 +217,16 @@ def plots(results: dict, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    qk = None
-    for name, r in results.items():
-        seeds = list(r["seeds"].values())
-        steps = [p["step"] for p in seeds[0]["points"]]
-        firsts = [merged_evals(results, name, i)[0] for i in range(len(steps))]
-        qk = quality_key(firsts[0][0])
-        q = [_mean_spread([e[qk] for e in col]) for col in firsts]
-        axes[0].errorbar(steps, [m for m, _ in q], yerr=[h for _, h in q], fmt="o-", capsize=3, label=name)
-        if all("class_accuracy" in col[0] for col in firsts):
-            a = [_mean_spread([e["class_accuracy"] for e in col]) for col in firsts]
-            axes[1].errorbar(steps, [m for m, _ in a], yerr=[h for _, h in a], fmt="o-", capsize=3, label=name)
-        elif "cov_cd" in firsts[0][0]:
-            a = [_mean_spread([e["cov_cd"] for e in col]) for col in firsts]
-            axes[1].errorbar(steps, [m for m, _ in a], yerr=[h for _, h in a], fmt="o-", capsize=3, label=name)
-    right = "class accuracy" if qk == "fid" else "COV (Chamfer)"
+    qk = right = None
+    for name in results:
+        S = _main_scale(results, name)
+        per_step = {k[0]: c for k, c in merged(results, name).items() if k[1] == 0 and k[2] == S}
+        steps = sorted(per_step)
+        cols = [per_step[k] for k in steps]
+        qk = quality_key(cols[0][0])
+        right = "class_accuracy" if "class_accuracy" in cols[0][0] else "cov_cd"
+        _errorbar(axes[0], steps, cols, qk, name)
+        _errorbar(axes[1], steps, cols, right, name)
     axes[0].set(xlabel="training step", ylabel=qk, title=f"{qk} against training steps")
     axes[1].set(xlabel="training step", ylabel=right, title=f"{right} against training steps")
     axes[0].legend(fontsize=7)
@@ -223,15 +234,15 @@ def plots(results: dict, out: Path):
     fig.savefig(out / "quality_vs_steps.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, r in results.items():
-        cols = [c for c in merged_evals(results, name, -1) if c[0]["cfg_scale"] == next(iter(
-            r["seeds"].values()))["points"][-1]["evals"][0]["cfg_scale"]]
+    for name in results:
+        S = _main_scale(results, name)
+        m = merged(results, name)
+        last = max(k[0] for k in m)
+        keys = sorted(k for k in m if k[0] == last and k[2] == S)
+        cols = [m[k] for k in keys]
         xs = [_mean_spread([e["gflops_per_forward"] for e in c])[0] for c in cols]
-        qs = [_mean_spread([e[quality_key(c[0])] for e in c]) for c in cols]
-        ax.errorbar(xs, [m for m, _ in qs], yerr=[h for _, h in qs], fmt="o-", capsize=3, label=name)
-        for x, (m, _), c in zip(xs, qs, cols):
-            if c[0]["tail_drop"]:
-                ax.annotate(f"ρ={c[0]['tail_drop']:g}", (x, m), fontsize=6)
+        _errorbar(ax, xs, cols, quality_key(cols[0][0]), name,
+                  annotate=lambda e: f"ρ={e['tail_drop']:g}" if e["tail_drop"] else None)
     ax.set(xlabel="GFLOPs per forward (MACs, DiT convention)", ylabel=qk,
            title="quality against inference compute")
     ax.legend(fontsize=7)
@@ -253,7 +264,7 @@ def side_by_side(results: dict, out: Path) -> Path | None:
         e = r["seeds"][seed]["points"][-1]["evals"][0]
         f = out / name / f"seed{seed}" / f"step{step:06d}_rho{e['tail_drop']:.2f}_cfg{e['cfg_scale']:g}" / "samples.png"
         if f.is_file():
-            panels.append((name, Image.open(f)))
+            panels.append((f"{name} (step {step})", Image.open(f)))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), squeeze=False)
@@ -269,23 +280,21 @@ def side_by_side(results: dict, out: Path) -> Path | None:
 
 
 def table(results: dict) -> str:
-    any_row = next(iter(next(iter(results.values()))["seeds"].values()))["points"][-1]["evals"][0]
-    qk = quality_key(any_row)
-    n_seeds = max(len(r["seeds"]) for r in results.values())
-    spread = " (mean ± half-range over seeds)" if n_seeds > 1 else ""
-    if qk == "fid":
+    """One row per (experiment, step, ρ, guidance scale): the mean over the seeds that have it
+    and, with two or more, ± half their range."""
+    first = next(iter(next(iter(results.values()))["seeds"].values()))["points"][-1]["evals"][0]
+    if quality_key(first) == "fid":
         extra_h, extra = ["FID", "class accuracy"], [("fid", 2), ("class_accuracy", 3)]
     else:
         extra_h, extra = ["1-NNA (CD)", "COV (CD)", "MMD (CD)"], [("1nna_cd", 3), ("cov_cd", 3), ("mmd_cd", 5)]
-    head = ["experiment", "step", "ρ", "CFG", *extra_h, "tokens kept", "GFLOPs/forward (DiT)",
+    head = ["experiment", "step", "ρ", "CFG", "seeds", *extra_h, "tokens kept", "GFLOPs/forward (DiT)",
             "TFLOPs/image (DC-DiT)", "s/train step"]
-    lines = [f"Seeds: {n_seeds}{spread}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["Mean over the seeds that have the row; ± half the range between them.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        step = next(iter(r["seeds"].values()))["points"][-1]["step"]
         sps = [s["seconds_per_step"] for s in r["seeds"].values()]
-        for col in merged_evals(results, name, -1):
-            e = col[0]
-            cells = [name, str(step), f"{e['tail_drop']:g}", f"{e['cfg_scale']:g}"]
+        for (step, rho, S), col in merged(results, name).items():
+            cells = [name, str(step), f"{rho:g}", f"{S:g}", str(len(col))]
             cells += [_fmt([c.get(k) for c in col], d) for k, d in extra]
             cells += [f"{_mean_spread([c['tokens_kept_mean'] for c in col])[0]:.1f}",
                       f"{_mean_spread([c['gflops_per_forward'] for c in col])[0]:.4f}",
@@ -316,6 +325,8 @@ def parse(argv=None):
     ap.add_argument("--num-reference", type=int, default=500, help="voxels: reference shapes for 1-NNA/COV/MMD")
     ap.add_argument("--map-samples", type=int, default=4, help="DC-DiT boundary maps drawn (0: none)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report", action="store_true",
+                    help="only merge the (experiment, seed) results already under --out into the table and plots")
     ap.add_argument("--worker", nargs=2, metavar=("EXPERIMENT", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value for every dcgen train (after --)")
     args = ap.parse_args(argv)
@@ -334,7 +345,9 @@ def main(argv=None) -> int:
         run_one(args.worker[0], int(args.worker[1]), args)
         return 0
     pairs = [(e, s) for e in args.experiments for s in args.seeds]
-    if args.jobs == 1:
+    if args.report:
+        pairs = []
+    elif args.jobs == 1:
         for e, s in pairs:
             run_one(e, s, args)
     else:  # each pair in its own process (a worker of this tool), `--jobs` at a time
@@ -351,8 +364,16 @@ def main(argv=None) -> int:
                     running.remove(item)
                     if item[1].returncode != 0:
                         raise SystemExit(f"compare: {item[0]} failed ({item[1].returncode})")
-    results = {e: {"seeds": {s: json.loads((out / e / f"seed{s}" / "result.json").read_text())
-                             for s in args.seeds}} for e in args.experiments}
+    results = {}
+    for e in args.experiments:
+        done = {s: out / e / f"seed{s}" / "result.json" for s in args.seeds}
+        missing = [s for s, f in done.items() if not f.is_file()]
+        if missing and not args.report:
+            raise SystemExit(f"compare: no result for {e} seed(s) {missing}")
+        if len(missing) < len(done):
+            results[e] = {"seeds": {s: json.loads(f.read_text()) for s, f in done.items() if f.is_file()}}
+    if not results:
+        raise SystemExit(f"compare: no results under {out}")
     summary = {"command": " ".join(["python tools/compare.py", *argv]),
                "seeds": args.seeds, "steps": args.steps, "num_samples": args.num_samples,
                "sample_steps": args.sample_steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,

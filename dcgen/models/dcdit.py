@@ -71,7 +71,7 @@ class DCDiT(ConditionedModel):
                  # compatibility with the reference code (METHOD §11); defaults are the clean behaviour
                  block_adaln_init: str = "zero", residual_proj_init: str = "zero",
                  residual_autocast: bool = False, attn_qkv_bf16: bool = False,
-                 tail_drop_protect_forced: bool = True, class_embed_std: float = 0.02,
+                 tail_drop_protect_forced: bool = True, class_embed_std: float = 1.0,
                  conv_padding: str = "zeros"):
         super().__init__()
         spatial = G.check_grid(input_size)

@@ -184,9 +184,11 @@ class ConditionedModel(nn.Module, PyTorchModelHubMixin, library_name="dcgen",
 
 
 def init_conditioning(t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder | None,
-                      class_embed_std: float = 0.02):
-    """DiT's N(0, 0.02) for the timestep MLP; the label table's std is a model argument (DiT and
-    the paper use 0.02; small, short runs may need larger label codes to use the label at all)."""
+                      class_embed_std: float = 1.0):
+    """DiT's N(0, 0.02) for the timestep MLP; the label table's std is a model argument. The
+    default N(0, 1) is ADM's (PyTorch's nn.Embedding init): codes that differ from the start.
+    DiT's N(0, 0.02) (the ImageNet recipe's) leaves the codes nearly equal, and a short run never
+    separates them: the label is then ignored (docs/results.md, "Class conditioning")."""
     nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
     if y_embedder is not None:
@@ -200,7 +202,7 @@ class DiT(ConditionedModel):
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, patch_size=2, learn_sigma: bool = True,
                  attn_backend: str = "auto",
-                 block_adaln_init: str = "zero", class_embed_std: float = 0.02):
+                 block_adaln_init: str = "zero", class_embed_std: float = 1.0):
         super().__init__()
         self.class_embed_std = float(class_embed_std)
         spatial = G.check_grid(input_size)
