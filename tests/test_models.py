@@ -173,7 +173,9 @@ def test_unpatchify_layout_matches_dit_order():
 def test_bf16_autocast_keeps_router_and_dechunk_fp32():
     torch.manual_seed(0)
     grid = (8, 10)
-    m = randomise_zero_inits(tiny_dcdit(grid)).eval()
+    # DiT's label init: the tolerance below was set for conditioning of that size (with N(0, 1)
+    # codes and randomised adaLN weights the bf16 modulation error is ~3x larger)
+    m = randomise_zero_inits(tiny_dcdit(grid, class_embed_std=0.02)).eval()
     x, t, y = inputs(grid)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, aux = m(x, t, y)
