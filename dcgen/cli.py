@@ -378,6 +378,14 @@ def _close_process_group():
     still open can abort in its teardown ("terminate called without an active exception")."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        # meet first: a rank that tears gloo down while a peer's connection threads still run can
+        # take that peer down with it; a bounded wait, so a peer that died never hangs the exit
+        if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+            from datetime import timedelta
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            except Exception:  # a peer that is gone: close anyway
+                pass
         dist.destroy_process_group()
 
 
