@@ -143,7 +143,6 @@ def boundary_maps(run_dir: Path, args, seed: int, out: Path) -> None:
 
 def run_one(exp: str, seed: int, args) -> dict:
     """Train one (experiment, seed) through the evaluation points and score each point."""
-    from dcgen.io import load_model
     from dcgen.models import DCDiT
     from dcgen.sample import load_run
     base = args.out / exp / f"seed{seed}"
@@ -152,9 +151,9 @@ def run_one(exp: str, seed: int, args) -> dict:
     r = {"points": [], "train_seconds": 0.0}
     for k in points:
         r["train_seconds"] += train_to(exp, run_dir, k, seed, args.threads, args.overrides)
-        task = load_run(run_dir, "cpu")[2]
+        model, _, task, _ = load_run(run_dir, "cpu")  # one load: the task and the model's kind
         reference = reference_npz(task, args.out, args.reference_limit) if is_image_task(task) else None
-        is_dc = isinstance(load_model(run_dir), DCDiT)
+        is_dc = isinstance(model, DCDiT)
         last = k == points[-1]
         combos = [(rho, args.cfg_scale[0]) for rho in (args.tail_drops if (last and is_dc) else [0.0])]
         if last:

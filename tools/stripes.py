@@ -23,7 +23,6 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
 import torch
 
 
@@ -70,7 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--inception", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from dcgen.metrics import evaluate_images, to_uint8_nhwc
+    from compare import reference_npz  # tools/ is on the path when this file runs
+
+    from dcgen.metrics import evaluate_images
     from dcgen.sample import generate
     from dcgen.viz import save_image_grid
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,10 +79,7 @@ def main(argv=None) -> int:
     for run in args.runs:
         model, objective, task = load(run, args.step)
         name = run.parent.name if run.name == "run" else run.name
-        ref = args.out / "reference.npz"
-        if not ref.is_file():
-            x = task._tensors[0].float()
-            np.savez(ref, arr_0=to_uint8_nhwc(x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x))
+        ref = reference_npz(task, args.out, None)  # the training images, as compare.py scores them
         labels = [i % task.num_classes for i in range(args.num_samples)]
         res = generate(model, objective, task, num_samples=args.num_samples, steps=args.sample_steps,
                        sampler="ddpm", labels=labels, seed=args.seed, batch_size=100, record=False)
