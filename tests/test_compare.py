@@ -54,6 +54,15 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert " ± " in md  # mean and spread over the two seeds
     for name in ("quality_vs_steps.png", "quality_vs_gflops.png", "samples_side_by_side.png"):
         assert (out / name).stat().st_size > 1000
+    # the same runs reported at an equal earlier step, elsewhere; the full report stays as it was
+    early = tmp_path / "at2"
+    assert compare.main(["--report", "--experiments", "digits_dcdit", "digits_dit4", "--seeds", "0", "1",
+                         "--out", str(out), "--upto-step", "2", "--report-to", str(early)]) == 0
+    md2 = (early / "compare.md").read_text()
+    assert "| digits_dcdit | 2 | 0 | 2 | 2 |" in md2 and "| digits_dit4 | 2 | 0 | 2 | 2 |" in md2
+    assert "| 4 |" not in md2 and (out / "compare.md").read_text() == md
+    for name in ("quality_vs_steps.png", "quality_vs_gflops.png", "samples_side_by_side.png"):
+        assert (early / name).stat().st_size > 1000
 
 
 def test_make_shapes_writes_closed_varied_reproducible_meshes(tmp_path):
@@ -94,3 +103,36 @@ def test_compare_scores_voxels_with_shape_metrics(tmp_path):
     md = (out / "compare.md").read_text()
     assert "1-NNA (CD)" in md and "| voxels_dcdit | 2 | 0.5 |" in md
     assert (out / "quality_vs_gflops.png").stat().st_size > 1000
+
+
+def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
+    """A second call with more steps resumes the run and reuses the rows already scored with the
+    same sampling settings; a call with other settings scores again."""
+    from dcgen.metrics import save_random_inception_weights
+    compare = load_tool("compare")
+    weights = save_random_inception_weights(tmp_path / "inception.pt")
+    out = tmp_path / "cmp"
+    tiny = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=4",
+            "train.log_every=1", "train.ckpt_every=2", "train.log_with=none"]
+
+    def call(steps, num_samples, scales=("1",)):
+        assert compare.main(["--experiments", "digits_dit4", "--out", str(out), "--steps", str(steps),
+                             "--eval-every", "2", "--num-samples", str(num_samples), "--sample-steps", "2",
+                             "--inception", str(weights), "--reference-limit", "20", "--batch-size", "10",
+                             "--cfg-scale", *scales, "--map-samples", "0", *tiny]) == 0
+        return json.loads((out / "compare.json").read_text())["results"]["digits_dit4"]["seeds"]["0"]
+
+    first = call(2, 6, ("1", "2"))
+    row2 = out / "digits_dit4" / "seed0" / "step000002_rho0.00_cfg1" / "row.json"
+    stamp = row2.stat().st_mtime_ns
+    second = call(4, 6)
+    assert [p["step"] for p in second["points"]] == [2, 4]
+    assert row2.stat().st_mtime_ns == stamp  # not scored again
+    # the step-2 rows, the second scale included, come back unchanged
+    assert second["points"][0]["evals"] == first["points"][0]["evals"]
+    assert [e["cfg_scale"] for e in second["points"][0]["evals"]] == [1.0, 2.0]
+    run_log = (out / "digits_dit4" / "seed0" / "run" / "log.txt").read_text()
+    assert "step 4/4" in run_log and "resumed" in run_log
+    third = call(4, 8)  # other sampling settings: both points scored again
+    assert row2.stat().st_mtime_ns != stamp
+    assert all(e["num_samples"] == 8 for p in third["points"] for e in p["evals"])

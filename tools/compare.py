@@ -10,7 +10,9 @@ DC-DiT models also at several tail-drop budgets.
 Each (experiment, seed) trains with `dcgen train experiment=E seed=S train.max_steps=k
 run_dir=OUT/E/seedS/run`, k stepping through the evaluation points: every later point is a
 requeue-safe restart of the same run dir with a larger max_steps, so the runs are exactly those
-of a single uninterrupted run. `--jobs N` runs N (experiment, seed) pairs side by side, each with
+of a single uninterrupted run. Each scored point saves its row (row.json, with the sampling
+settings); a later call with more steps or seeds resumes the runs and reuses the rows whose
+settings match, so extending a comparison costs only the new steps. `--jobs N` runs N (experiment, seed) pairs side by side, each with
 `--threads` threads. The first `--cfg-scale` is used at every point; further scales are scored at
 the last point (ρ = 0). Writes OUT/compare.json, OUT/compare.md (the table: mean over seeds, and
 the spread), OUT/quality_vs_steps.png, OUT/quality_vs_gflops.png, OUT/samples_side_by_side.png,
@@ -115,6 +117,23 @@ def evaluate_point(run_dir: Path, args, reference: Path | None, tail_drop: float
     return row
 
 
+def eval_settings(args) -> dict:
+    """What an evaluation row depends on besides (step, ρ, scale): a cached row is reused only
+    when these match."""
+    return {"num_samples": args.num_samples, "sample_steps": args.sample_steps, "sampler": args.sampler,
+            "inception": args.inception, "reference_limit": args.reference_limit,
+            "num_reference": args.num_reference}
+
+
+def cached_row(d: Path, args) -> dict | None:
+    """The row saved in `d` by an earlier call with the same evaluation settings, else None."""
+    f = d / "row.json"
+    if not f.is_file():
+        return None
+    row = json.loads(f.read_text())
+    return row if row.get("settings") == eval_settings(args) else None
+
+
 def seconds_per_step(run_dir: Path) -> float | None:
     """From the log's samples/s and the global batch: the training speed, logging steps only."""
     import yaml
@@ -158,11 +177,21 @@ def run_one(exp: str, seed: int, args) -> dict:
         combos = [(rho, args.cfg_scale[0]) for rho in (args.tail_drops if (last and is_dc) else [0.0])]
         if last:
             combos += [(0.0, s) for s in args.cfg_scale[1:]]
-        evals = []
+        evals, dirs = [], []
         for rho, s in combos:
             d = base / f"step{k:06d}_rho{rho:.2f}_cfg{s:g}"
             d.mkdir(parents=True, exist_ok=True)
-            evals.append(evaluate_point(run_dir, args, reference, rho, s, seed, d))
+            row = cached_row(d, args)
+            if row is None:
+                row = evaluate_point(run_dir, args, reference, rho, s, seed, d)
+                row["settings"] = eval_settings(args)
+                (d / "row.json").write_text(json.dumps(row, indent=2, default=float))
+            evals.append(row)
+            dirs.append(d)
+        for d in sorted(base.glob(f"step{k:06d}_*")):  # points scored by an earlier, longer-listed call
+            row = cached_row(d, args) if d not in dirs else None
+            if row is not None:
+                evals.append(row)
         r["points"].append({"step": k, "evals": evals})
         print(f"{exp} seed {seed} step {k}: " + ", ".join(
             f"ρ {e['tail_drop']:g} S {e['cfg_scale']:g} {quality_key(e)} {e[quality_key(e)]:.3f}"
@@ -250,8 +279,9 @@ def plots(results: dict, out: Path):
     plt.close(fig)
 
 
-def side_by_side(results: dict, out: Path) -> Path | None:
-    """The first seed's last-point samples (ρ = 0, first scale) of every experiment, in a row."""
+def side_by_side(results: dict, runs: Path, out: Path) -> Path | None:
+    """The first seed's last-point samples (ρ = 0, first scale) of every experiment, in a row:
+    read from the runs under `runs`, written to `out`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -261,7 +291,7 @@ def side_by_side(results: dict, out: Path) -> Path | None:
         seed = next(iter(r["seeds"]))
         step = r["seeds"][seed]["points"][-1]["step"]
         e = r["seeds"][seed]["points"][-1]["evals"][0]
-        f = out / name / f"seed{seed}" / f"step{step:06d}_rho{e['tail_drop']:.2f}_cfg{e['cfg_scale']:g}" / "samples.png"
+        f = runs / name / f"seed{seed}" / f"step{step:06d}_rho{e['tail_drop']:.2f}_cfg{e['cfg_scale']:g}" / "samples.png"
         if f.is_file():
             panels.append((f"{name} (step {step})", Image.open(f)))
     if not panels:
@@ -326,6 +356,11 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true",
                     help="only merge the (experiment, seed) results already under --out into the table and plots")
+    ap.add_argument("--upto-step", type=int, default=None,
+                    help="with --report: only the points up to this step (compare runs of different lengths "
+                         "at an equal step)")
+    ap.add_argument("--report-to", type=Path, default=None,
+                    help="with --report: write the table and plots here instead of --out")
     ap.add_argument("--worker", nargs=2, metavar=("EXPERIMENT", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value for every dcgen train (after --)")
     args = ap.parse_args(argv)
@@ -373,6 +408,17 @@ def main(argv=None) -> int:
             results[e] = {"seeds": {s: json.loads(f.read_text()) for s, f in done.items() if f.is_file()}}
     if not results:
         raise SystemExit(f"compare: no results under {out}")
+    if args.upto_step is not None:
+        for r in results.values():
+            for seed in r["seeds"].values():
+                seed["points"] = [p for p in seed["points"] if p["step"] <= args.upto_step]
+            r["seeds"] = {s: v for s, v in r["seeds"].items() if v["points"]}
+        results = {e: r for e, r in results.items() if r["seeds"]}
+        if not results:
+            raise SystemExit(f"compare: no point at or before step {args.upto_step}")
+    if args.report and args.report_to is not None:
+        out = args.report_to
+        out.mkdir(parents=True, exist_ok=True)
     summary = {"command": " ".join(["python tools/compare.py", *argv]),
                "seeds": args.seeds, "steps": args.steps, "num_samples": args.num_samples,
                "sample_steps": args.sample_steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
@@ -381,7 +427,7 @@ def main(argv=None) -> int:
     md = table(results)
     (out / "compare.md").write_text(f"`{summary['command']}`\n\n{md}\n")
     plots(results, out)
-    side_by_side(results, out)
+    side_by_side(results, args.out, out)
     print(md)
     return 0
 
