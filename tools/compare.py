@@ -71,15 +71,14 @@ def quality_key(row: dict) -> str:
     return "fid" if "fid" in row else "1nna_cd"
 
 
-def evaluate_point(run_dir: Path, args, reference: Path | None, tail_drop: float, cfg_scale: float,
-                   seed: int, out: Path) -> dict:
-    """Samples from the run's EMA weights at `tail_drop` and `cfg_scale`: quality, task metrics,
-    FLOPs."""
+def evaluate_point(model, objective, task, args, reference: Path | None, tail_drop: float,
+                   cfg_scale: float, seed: int, out: Path) -> dict:
+    """Samples from a run's EMA weights (`load_run`) at `tail_drop` and `cfg_scale`: quality, task
+    metrics, FLOPs."""
     from dcgen.evaluate import cost_summary, dc_step_recorder
     from dcgen.models import DCDiT
-    from dcgen.sample import generate, load_run
+    from dcgen.sample import generate
 
-    model, objective, task, _ = load_run(run_dir, "cpu")
     is_dc = isinstance(model, DCDiT)
     labels = None
     if task.num_classes:
@@ -171,26 +170,26 @@ def run_one(exp: str, seed: int, args) -> dict:
     r = {"points": [], "train_seconds": 0.0}
     for k in points:
         r["train_seconds"] += train_to(exp, run_dir, k, seed, args.threads, args.overrides)
-        model, _, task, _ = load_run(run_dir, "cpu")  # one load: the task and the model's kind
+        model, objective, task, _ = load_run(run_dir, "cpu")  # one load per point, shared by its evaluations
         reference = reference_npz(task, args.out, args.reference_limit) if is_image_task(task) else None
         is_dc = isinstance(model, DCDiT)
         last = k == points[-1]
         combos = [(rho, args.cfg_scale[0]) for rho in (args.tail_drops if (last and is_dc) else [0.0])]
         if last:
             combos += [(0.0, s) for s in args.cfg_scale[1:]]
-        evals, dirs = [], []
+        evals, dirs = [], set()
         for rho, s in combos:
             d = base / f"step{k:06d}_rho{rho:.2f}_cfg{s:g}"
             d.mkdir(parents=True, exist_ok=True)
             row = cached_row(d, args)
             if row is None:
-                row = evaluate_point(run_dir, args, reference, rho, s, seed, d)
+                row = evaluate_point(model, objective, task, args, reference, rho, s, seed, d)
                 row["settings"] = eval_settings(args)
                 (d / "row.json").write_text(json.dumps(row, indent=2, default=float))
             evals.append(row)
-            dirs.append(d)
-        for d in sorted(base.glob(f"step{k:06d}_*")):  # points scored by an earlier, longer-listed call
-            row = cached_row(d, args) if d not in dirs else None
+            dirs.add(d)
+        for d in sorted(set(base.glob(f"step{k:06d}_*")) - dirs):  # scored by an earlier, longer-listed call
+            row = cached_row(d, args)
             if row is not None:
                 evals.append(row)
         r["points"].append({"step": k, "evals": evals})

@@ -12,8 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,10 +27,9 @@ def main(argv=None) -> int:
     from dcgen.tasks.voxel.task import VoxelTask
     train = VoxelTask(root=args.train, resolution=args.resolution, progress=False)
     held = VoxelTask(root=args.heldout, resolution=args.resolution, progress=False)
-    occ, _ = held.reference_occupancy(args.num_samples, seed=args.seed + 1)
-    x = torch.from_numpy(occ).float().mul(2).sub(1).unsqueeze(1)  # the task's data space: {-1, +1}
-    stats = train.evaluate(x, num_reference=args.num_reference, num_points=args.num_points, seed=args.seed)
-    stats.update(num_samples=int(x.shape[0]), num_reference=args.num_reference,
+    occ, _ = held.reference_occupancy(args.num_samples, seed=args.seed + 1)  # bools: evaluate takes them as they are
+    stats = train.evaluate(occ, num_reference=args.num_reference, num_points=args.num_points, seed=args.seed)
+    stats.update(num_samples=len(occ), num_reference=args.num_reference,
                  train=str(args.train), heldout=str(args.heldout), resolution=args.resolution)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(stats, indent=2, default=float))

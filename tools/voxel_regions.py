@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     model, objective, task, _ = load_run(args.run, "cpu")
     ds = task.train_dataset()
     idx = np.sort(np.random.default_rng(args.seed).choice(len(ds), min(args.num_shapes, len(ds)), replace=False))
-    x0 = torch.stack([ds[int(i)][0] for i in idx])
-    y = torch.stack([torch.as_tensor(ds[int(i)][1]) for i in idx]) if task.num_classes else None
+    items = [ds[int(i)] for i in idx]
+    x0 = torch.stack([x for x, _ in items])
+    y = torch.stack([torch.as_tensor(label) for _, label in items]) if task.num_classes else None
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(x0.shape, generator=g)
     rows = []
