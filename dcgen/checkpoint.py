@@ -55,41 +55,102 @@ def _fault(stage: str):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions): its temporary folder is
+    removed, the previous checkpoint is intact; the CLI reports one line and exits 2."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _all_ok(accelerator, ok: bool) -> bool:
+    """True when every rank's `ok` is True (one tiny all-reduce; also a barrier)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum")[0]) == 0.0
+
+
 def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extra_rng: dict,
                     accelerator=None, keep: int = 2) -> Path:
-    """Write the full state of `step`. Collective: every rank must call it."""
+    """Write the full state of `step`. Collective: every rank must call it. Every file is
+    fsynced before the folder is renamed into place; a failed write (e.g. a full disk) on any
+    rank removes the temporary folder and raises CheckpointWriteError on every rank."""
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     is_main = accelerator is None or accelerator.is_main_process
     rank = 0 if accelerator is None else accelerator.process_index
+    error = None
     if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier(accelerator)
-    torch.save({"global": rng_state(), **extra_rng}, tmp / f"rng_rank{rank}.pt")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    if not _all_ok(accelerator, error is None):
+        return _failed_save(tmp, is_main, error, step)
+    written = []
+    try:
+        rng_file = tmp / f"rng_rank{rank}.pt"
+        torch.save({"global": rng_state(), **extra_rng}, rng_file)
+        written.append(rng_file)
+        if is_main:
+            save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+            _fault("after_model")
+            save_file(_contiguous(ema.state_dict()), tmp / "ema.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            written += [tmp / n for n in ("model.safetensors", "ema.safetensors", "optimizer.pt",
+                                          "state.json")]
+            _fault("before_rename")
+        for f in written:
+            _fsync_file(f)
+    except OSError as e:
+        error = e
+    if not _all_ok(accelerator, error is None):
+        return _failed_save(tmp, is_main, error, step)
     if is_main:
-        save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
-        _fault("after_model")
-        save_file(_contiguous(ema.state_dict()), tmp / "ema.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        _fault("before_rename")
-    _barrier(accelerator)
-    if is_main:
+        _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         ptr_tmp = root / ".latest.tmp"
         ptr_tmp.write_text(final.name)
+        _fsync_file(ptr_tmp)
         os.replace(ptr_tmp, root / "latest")
+        _fsync_dir(root)
         old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)
         for p in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
     _barrier(accelerator)
     return final
+
+
+def _failed_save(tmp: Path, is_main: bool, error, step: int):
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    why = f"{error.strerror or error}" if isinstance(error, OSError) else "a write failed on another process"
+    where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
+    raise CheckpointWriteError(f"cannot write the checkpoint of step {step}: {why}{where}; the "
+                               "previous checkpoint is intact")
 
 
 def _barrier(accelerator):
@@ -108,18 +169,96 @@ def latest_checkpoint(run_dir) -> Path | None:
     return path
 
 
-def load_checkpoint(path, model, ema, optimizer, rank: int = 0) -> tuple[dict, dict]:
-    """Restore model, EMA and optimizer in place; return (state.json, this rank's RNG dict)."""
-    path = Path(path)
+def _step_of(path: Path) -> int:
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"))
-        ema.load_state_dict(load_file(path / "ema.safetensors"))
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]}") from None
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state = json.loads((path / "state.json").read_text())
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def resume_candidates(run_dir) -> list[Path]:
+    """The checkpoints a resume may use, newest first: the one `latest` names, then every older
+    kept one (a folder only gets its step_* name once it is complete)."""
+    root = Path(run_dir) / CKPT_DIR
+    ptr = root / "latest"
+    if not ptr.exists():
+        return []
+    named = root / ptr.read_text().strip()
+    older = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) < _step_of(named)),
+                   key=_step_of, reverse=True)
+    return [named, *older]
+
+
+def read_checkpoint(path, model, ema, optimizer, rank: int = 0) -> dict:
+    """Everything of one checkpoint read into memory and checked against the model, nothing
+    applied yet: {"model", "ema", "optimizer", "state", "rng"}. Any damage (a torn or truncated
+    file, a missing one, wrong keys or shapes) is a ValueError with one line."""
+    from .io import check_state_dict
+    path = Path(path)
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.exists():
         raise ValueError(f"{rng_file} missing: was this checkpoint written with another number of processes?")
-    rng = torch.load(rng_file, weights_only=True)
-    return state, rng
+    try:
+        out = {"model": load_file(path / "model.safetensors"), "ema": load_file(path / "ema.safetensors"),
+               "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+               "state": json.loads((path / "state.json").read_text()),
+               "rng": torch.load(rng_file, weights_only=True)}
+    except Exception as e:  # a torn file fails in many ways (safetensors, zip, pickle, JSON, OS)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"checkpoint {path} cannot be read: {type(e).__name__}: {first}") from None
+    for key, module in (("model", model), ("ema", ema)):
+        expected = {k: v.shape for k, v in module.state_dict().items()}
+        check_state_dict(expected, out[key], f"{path / (key + '.safetensors')}")
+    if not isinstance(out["state"], dict) or not isinstance(out["state"].get("step"), int):
+        raise ValueError(f"checkpoint {path}: state.json has no step")
+    return out
+
+
+def load_checkpoint(path, model, ema, optimizer, rank: int = 0) -> tuple[dict, dict]:
+    """Restore model, EMA and optimizer in place; return (state.json, this rank's RNG dict).
+    All files are read and checked before anything is applied."""
+    data = read_checkpoint(path, model, ema, optimizer, rank)
+    try:
+        model.load_state_dict(data["model"])
+        ema.load_state_dict(data["ema"])
+        optimizer.load_state_dict(data["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]}") from None
+    return data["state"], data["rng"]
+
+
+def resume(run_dir, model, ema, optimizer, rank: int = 0, accelerator=None, log=None):
+    """Load the newest checkpoint of `run_dir` that every rank can read, falling back past a torn
+    one to the previous kept checkpoint (said in one line each). Returns (path, state, rng), or
+    None when the run has no checkpoint; a ValueError naming the newest one's damage when none
+    loads."""
+    candidates = resume_candidates(run_dir)
+    newest_error = None
+    for i, path in enumerate(candidates):
+        try:
+            data, error = read_checkpoint(path, model, ema, optimizer, rank), None
+        except ValueError as e:
+            data, error = None, e
+        if not _all_ok(accelerator, error is None):
+            error = error or ValueError(f"checkpoint {path} cannot be read on another process")
+            newest_error = newest_error or error
+            if log is not None and (accelerator is None or accelerator.is_main_process):
+                nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+                log.warning("%s; %s", _one_line(error),
+                            f"falling back to {nxt}" if nxt else "no older checkpoint is kept")
+            continue
+        model.load_state_dict(data["model"])
+        ema.load_state_dict(data["ema"])
+        try:
+            optimizer.load_state_dict(data["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint {path} does not match the optimizer: "
+                             f"{_one_line(e)}") from None
+        return path, data["state"], data["rng"]
+    if newest_error is not None:
+        raise ValueError(f"no checkpoint of {run_dir} can be loaded; the newest: {_one_line(newest_error)}")
+    return None
+
+
+def _one_line(e) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -5,8 +5,9 @@ the command works from any directory, from a non-editable install, and unchanged
 `accelerate launch -m dcgen ...` and `torchrun -m dcgen ...` (no Hydra output dirs, no chdir).
 A user's own config folder joins with `hydra.searchpath=[file:///path]` (its experiment/, model/,
 task/ ... files become choices). User mistakes end in one line on stderr and exit code 2;
-DCGEN_DEBUG=1 shows the traceback. Exit codes: 0 done, 2 bad input (nothing written),
-75 preempted (a checkpoint was written; rerun the same command to resume).
+DCGEN_DEBUG=1 shows the traceback. Exit codes: 0 done, 2 bad input (nothing written) or a
+failed checkpoint write, 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; rerun the same
+command to resume), 130 interrupted (Ctrl-C: the same, but wrappers should not retry).
 """
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from .validate import ConfigError, check_targets, is_restart_key, validate
+from .trust import check_file_config
+from .validate import ConfigError, is_restart_key, validate
 
 COMMANDS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "prepare": "prepare",
             "export": "export"}
 GROUPS = ("task", "model", "objective", "optim", "experiment", "compat")
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a temporary failure, try again (SLURM requeues the same command)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C; a checkpoint was written when training, but a
+                        # person asked to stop, so wrappers that retry on 75 do not retry
 
 USAGE = """usage: dcgen {train,sample,evaluate,prepare,export} [group=choice ...] [key=value ...]
 
@@ -220,11 +224,14 @@ def compose_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
       stderr); any other difference -> ConfigError listing the differing keys, old -> new.
     Nothing is written here."""
     where = str(run_dir / "config.yaml")
-    stored = OmegaConf.load(run_dir / "config.yaml")
-    check_targets(stored, where)
+    stored = load_run_config(run_dir / "config.yaml")
     parsed = _parse(overrides)
     given = [ov.key_or_group for ov in parsed if ov.key_or_group != "run_dir"]
-    if all(is_restart_key(k) for k in given):
+    trusted = not all(is_restart_key(k) for k in given)
+    # the stored file is only compared when the command gives the whole config (the command's
+    # own nodes are built); it is built from when only run_dir= and restart keys are given
+    check_file_config(stored, where, targets=not trusted)
+    if not trusted:
         _check_keys(stored, parsed, where)
         cfg = stored.copy()
         for ov in parsed:
@@ -246,7 +253,23 @@ def compose_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
     cfg.run_dir = str(run_dir)
     if changed:
         print(f"dcgen train: resuming {run_dir} with {_shown_diffs(changed)}", file=sys.stderr)
-    return cfg
+    return cfg, trusted
+
+
+def load_run_config(path: Path) -> DictConfig:
+    """A run dir's stored config, read as untrusted data: YAML errors, a non-mapping, and
+    interpolations are one-line ConfigErrors (see dcgen.trust)."""
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    check_file_config(data, str(path), targets=False)  # plain data before OmegaConf sees it
+    return OmegaConf.create(data)
 
 
 def _run_dir_override(overrides):
@@ -324,8 +347,9 @@ def run(command: str, args: list[str]):
                                      or o.startswith("hydra.")]))
         return None
     rd = _run_dir_override(overrides)
+    trusted = True  # composed from the command line and the user's search path
     if command == "train" and rd and (Path(rd) / "config.yaml").exists():
-        cfg = compose_resume(Path(rd), overrides)
+        cfg, trusted = compose_resume(Path(rd), overrides)
     else:
         cfg = compose(COMMANDS[command], overrides, record_choices=command == "train")
     validate(command, cfg)
@@ -334,7 +358,7 @@ def run(command: str, args: list[str]):
         return None
     if command == "train":
         from .train import train
-        return train(cfg)
+        return train(cfg, trusted=trusted)
     if command == "sample":
         from .sample import sample_command
         return sample_command(cfg)
@@ -346,9 +370,10 @@ def run(command: str, args: list[str]):
         return export_command(cfg)
     if command == "prepare":
         import logging
-        from hydra.utils import instantiate
+
+        from .trust import build
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        task = instantiate(cfg.task, _convert_="all")
+        task = build(cfg.task, "task", "the command line", trusted=True)
         return task.prepare(seed=cfg.seed)
 
 
@@ -390,13 +415,21 @@ def _close_process_group():
 
 
 def _main(argv, NonFiniteLossError, TrainingPreempted) -> int:
+    from .checkpoint import CheckpointWriteError
+    from .train import TrainingInterrupted
     try:
         run(argv[0], argv[1:])
+    except TrainingInterrupted as e:
+        print(f"dcgen {argv[0]}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TrainingPreempted as e:
         print(f"dcgen {argv[0]}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints first)
+        print(f"dcgen {argv[0]}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, KeyError,
-            NonFiniteLossError) as e:
+            NonFiniteLossError, CheckpointWriteError) as e:
         if os.environ.get("DCGEN_DEBUG"):
             raise
         print(f"dcgen {argv[0]}: error: {_one_line(e)}", file=sys.stderr)

@@ -131,6 +131,9 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # 1. processes, device, output directory ---------------------------------------------------
+    from .sample import NonFiniteSamplesError, check_memory, check_request, pick_device
+    if str(cfg.device) != "auto":
+        pick_device(cfg.device)  # a bad or absent device: one line, before any process state
     state = process_state(cfg.device)
     rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
@@ -146,31 +149,43 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     # every rank sees the same directory, so every rank refuses alike (no rank left at a barrier)
     if (out_dir / "images").is_dir() and any((out_dir / "images").iterdir()):
         raise ValueError(f"out_dir={out_dir} already holds samples (images/); choose a new out_dir")
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out_dir / "evaluate_config.yaml")
-    state.wait_for_everyone()
 
-    # 2. model, objective, task ---------------------------------------------------------------------
+    # 2. model, objective, task; every setting checked before anything is written --------------------
     model, objective, task, ecfg = load_run(cfg.run_dir, device)
     from .pipeline import with_diffusers_samplers
     objective = with_diffusers_samplers(objective)  # sampler=dpm++ | unipc through diffusers
+    args = sampling_args(cfg, ecfg)
+    check_request(objective, task, num_samples=int(cfg.num_samples), steps=args["steps"],
+                  sampler=args["sampler"], seed=rank_seed(cfg.seed, world, world - 1))
     is_dc = isinstance(model, DCDiT)
     branches = cfg_branches(task.num_classes, cfg.cfg_scale)
 
     # 3. this rank's samples ----------------------------------------------------------------------
     offset, n = rank_share(cfg.num_samples, world, rank)
+    check_memory(n, task, "num_samples" if world == 1 else f"num_samples/{world} processes")
     seed = rank_seed(cfg.seed, world, rank)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if n:
-        result = generate(model, objective, task, **sampling_args(cfg, ecfg, num_samples=n), seed=seed,
-                          device=device, record=True, map_samples=0, progress=is_main,
-                          flop_fn=dc_step_recorder(model, branches) if is_dc else None)
-    else:
-        result = {"samples": torch.zeros(0, task.channels, *task.grid), "labels": None,
-                  "seconds": 0.0, "ts": []}
+    failure = None
+    try:
+        if n:
+            result = generate(model, objective, task, **sampling_args(cfg, ecfg, num_samples=n),
+                              seed=seed, device=device, record=True, map_samples=0, progress=is_main,
+                              flop_fn=dc_step_recorder(model, branches) if is_dc else None)
+        else:
+            result = {"samples": torch.zeros(0, task.channels, *task.grid), "labels": None,
+                      "seconds": 0.0, "ts": []}
+    except NonFiniteSamplesError as e:
+        failure = str(e)
+    if world > 1:  # every rank stops alike, before anything is written
+        failure = next((f for f in gather_object([failure]) if f), None)
+    if failure:
+        raise NonFiniteSamplesError(failure)
     labels = result["labels"]
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out_dir / "evaluate_config.yaml")
+    state.wait_for_everyone()
 
     # 4. decode and write ---------------------------------------------------------------------------
     t0 = time.time()

@@ -48,8 +48,11 @@ def check_state_dict(expected: Mapping[str, torch.Size], got: Mapping[str, torch
     label = label or (lambda k: k)
     missing = [label(k) for k in expected if k not in got]
     unexpected = [label(k) for k in got if k not in expected]
-    wrong = [f"{label(k)} {tuple(got[k].shape)} != {tuple(expected[k])}" for k in expected
-             if k in got and tuple(got[k].shape) != tuple(expected[k])]
+    def shape(v):  # a tensor, or a shape (a safetensors header)
+        return tuple(getattr(v, "shape", v))
+
+    wrong = [f"{label(k)} {shape(got[k])} != {tuple(expected[k])}" for k in expected
+             if k in got and shape(got[k]) != tuple(expected[k])]
     problems = []
     if missing:
         problems.append(f"missing keys {_listing(missing)}")
@@ -212,34 +215,66 @@ def _read(file: Path, kind: str):
 
 def read_export_config(path) -> dict:
     """{"model": description node, "task": ..., "objective": ..., "step": ..., "sample": ...} of
-    an export (either layout; an old `arch:` model node is translated), every `_target_` checked
-    to be a dcgen class."""
+    an export (either layout; an old `arch:` model node is translated). The files are untrusted
+    (dcgen.trust): plain data only, and every node that names a class names one of dcgen's
+    exact tables; anything else is a one-line ConfigError (a ValueError) naming the file."""
     from .models import from_legacy
-    from .validate import check_targets
+    from .trust import check_node
     d = resolve_export_dir(path)
     if (d / CONFIG_FILE).is_file():
         where = d / CONFIG_FILE
-        cfg = {"model": _read(where, "json")}
+        model = _read(where, "json")
+        if "arch" in model and "_target_" not in model:
+            model = from_legacy(model)
+        cfg = {"model": check_node(model, "model", str(where), path="config")}
         if (d / EXTRA_FILE).is_file():
             extra = _read(d / EXTRA_FILE, "json")
-            check_targets(extra, str(d / EXTRA_FILE))
-            cfg.update({k: v for k, v in extra.items() if k != "model"})
+            cfg.update(_check_extra(extra, str(d / EXTRA_FILE)))
     else:  # the layout before 2026-11-30: one config.yaml with a model: {arch: ...} node
         where = d / LEGACY_CONFIG_FILE
         cfg = _read(where, "yaml")
-        if isinstance(cfg.get("model"), dict) and "arch" in cfg["model"]:
-            cfg["model"] = from_legacy(cfg["model"])
-    check_targets(cfg, str(where))  # loading builds dcgen classes only, never foreign code
-    if not isinstance(cfg.get("model"), dict) or "_target_" not in cfg["model"]:
-        raise ValueError(f"{where}: no model description (expected _target_: dcgen.models.DCDiT "
-                         "or dcgen.models.DiT)")
+        model = cfg.get("model")
+        if isinstance(model, dict) and "arch" in model and "_target_" not in model:
+            model = from_legacy(model)
+        if not isinstance(model, dict) or "_target_" not in model:
+            raise ValueError(f"{where}: no model description (expected _target_: dcgen.models.DCDiT "
+                             "or dcgen.models.DiT)")
+        cfg = {"model": check_node(model, "model", str(where)),
+               **_check_extra({k: v for k, v in cfg.items() if k != "model"}, str(where))}
     return cfg
+
+
+def _check_extra(extra: dict, where: str) -> dict:
+    """The task/objective/step/sample part of an export, each node checked against its table."""
+    from .trust import check_node, check_plain
+    from .validate import ConfigError
+    out = {}
+    for key, value in extra.items():
+        if key == "model":
+            continue  # config.json is the model's description
+        if key in ("task", "objective"):
+            if value is None and key == "objective":
+                continue
+            out[key] = check_node(value, key, where)
+        elif key == "sample":
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{where}: refusing sample={value!r}: expected a mapping")
+            check_plain(value, where, key, allow=frozenset())
+            out[key] = value
+        elif key == "step":
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ConfigError(f"{where}: refusing step={value!r}: expected an integer >= 0")
+            out[key] = value
+        else:
+            check_plain({key: value}, where, "")
+            out[key] = value
+    return out
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Build the model described by an export, a run directory's export/ or a Hub id, and load
     its weights strictly; returns it in eval mode on `device` (cast to `dtype` if given)."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from .models import build
@@ -248,6 +283,21 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Modul
     cfg = read_export_config(d)
     cfg_file = d / (CONFIG_FILE if (d / CONFIG_FILE).is_file() else LEGACY_CONFIG_FILE)
     w_file = d / WEIGHTS_FILE
+    # the description is checked against the weights' header on the meta device first: a crafted
+    # config.json (hidden_size=10**7) is refused without allocating anything
+    try:
+        with torch.device("meta"):
+            shell = build(cfg["model"])
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"{cfg_file}: cannot build the model: {' '.join(str(e).split())[:300]}") from None
+    expected = {k: v.shape for k, v in shell.state_dict().items()}
+    del shell
+    try:
+        with safe_open(str(w_file), framework="pt", device="cpu") as f:
+            header = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{w_file}: cannot read safetensors: {' '.join(str(e).split())}") from None
+    check_state_dict(expected, header, str(w_file))
     try:
         model = build(cfg["model"])
     except (TypeError, ValueError) as e:
@@ -256,7 +306,6 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Modul
         state = load_file(str(w_file), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{w_file}: cannot read safetensors: {' '.join(str(e).split())}") from None
-    expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(expected, state, str(w_file))
     model.load_state_dict(state, strict=True)
     if dtype is not None:

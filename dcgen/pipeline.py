@@ -72,14 +72,14 @@ _FIXED = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
 def objective_from_config(node: dict | None) -> GaussianDiffusion:
     """The Gaussian objective of an export's `objective:` node (None: the §7.1 defaults)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-    node = dict(node or {"_target_": "dcgen.diffusion.GaussianDiffusion"})
-    target = str(node.get("_target_", ""))
+    from .trust import build, check_node
+    node = check_node(node or {"_target_": "dcgen.diffusion.GaussianDiffusion"}, "objective",
+                      "the objective node")
+    target = node["_target_"]
     if target.endswith("FlowMatching"):
         raise ValueError("the export was trained with the flow objective; diffusers' DDPM-family "
                          "schedulers need the Gaussian one (sample it with dcgen's euler/heun)")
-    objective = instantiate(OmegaConf.create(node), _convert_="all")
+    objective = build(node, "objective", "the objective node")
     if not isinstance(objective, GaussianDiffusion):
         raise ValueError(f"objective {target!r} is not a GaussianDiffusion")
     return objective
@@ -178,7 +178,11 @@ def set_timesteps(scheduler, num_inference_steps, timesteps=None) -> list[int]:
             raise ValueError(f"{type(scheduler).__name__} takes no custom timesteps; use its own "
                              "spacing (timesteps=None)")
         scheduler.set_timesteps(timesteps=timesteps)
-    return [int(round(float(t))) for t in scheduler.timesteps]
+    ts = [int(round(float(t))) for t in scheduler.timesteps]
+    if len(set(ts)) != len(ts):  # a repeated timestep: the multistep solvers divide by zero
+        raise ValueError(f"{type(scheduler).__name__}: {num_inference_steps} steps give only "
+                         f"{len(set(ts))} distinct timesteps of {T}; use fewer steps")
+    return ts
 
 
 def denoise(net, scheduler, x: torch.Tensor, y: torch.Tensor | None, num_inference_steps,
@@ -467,6 +471,21 @@ class DiffusersSamplers:
         if method in self.methods:
             return len(set_timesteps(make_scheduler(self.methods[method], self.objective), steps))
         return self.objective.model_calls(steps, method)
+
+    def check_sampler(self, steps, method: str) -> None:
+        """Raise ValueError unless `method` can sample in `steps`: the diffusers samplers take 1 to
+        T − 1 steps (T training timesteps; at T their spacing repeats a timestep and the
+        multistep solvers divide by zero), each distinct (checked on the real scheduler)."""
+        if method not in self.methods:
+            if method not in ("ddpm", "ddim"):
+                raise ValueError(f"sampler={method}: the Gaussian objective samples with ddpm, ddim, "
+                                 f"{', '.join(self.methods)} (euler and heun need the flow objective)")
+            return self.objective.check_sampler(steps, method)
+        T = self.objective.num_timesteps
+        if not (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and 1 <= steps < T):
+            raise ValueError(f"steps={steps}: {method} takes 1 to {T - 1} steps (the model was "
+                             f"trained with {T} timesteps)")
+        set_timesteps(make_scheduler(self.methods[method], self.objective), int(steps))
 
     def sample(self, model, shape, y=None, steps=250, method: str = "ddpm", noise=None,
                generator=None, model_kwargs=None, progress: bool = False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -21,9 +22,66 @@ log = logging.getLogger("dcgen.sample")
 
 
 def pick_device(choice: str = "auto") -> torch.device:
+    """"auto" (the GPU when there is one), "cpu", "cuda" or "cuda:N"; anything else, or CUDA on a
+    machine without it, is a one-line ValueError."""
+    choice = str(choice)
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    try:
+        dev = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={choice}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={choice}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={choice}: no CUDA GPU is available here (use device=cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={choice}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def check_memory(num_samples: int, task, what: str = "num_samples") -> None:
+    """Refuse a request whose samples (model space, float32, held until written) would take more
+    than half of this machine's memory."""
+    per = 4 * task.channels * math.prod(task.grid)
+    need = per * int(num_samples)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > total // 2:
+        raise ValueError(f"{what}={num_samples}: the samples would take {need / 2**30:.1f} GiB "
+                         f"({per} bytes each), more than half of this machine's "
+                         f"{total / 2**30:.0f} GiB; sample fewer (or use dcgen evaluate)")
+
+
+class NonFiniteSamplesError(ValueError):
+    """A sampler produced NaN or inf: reported in one line (exit 2), no sample written."""
+
+
+def check_request(objective, task, num_samples: int, steps, sampler: str, labels=None,
+                  seed: int = 0) -> None:
+    """Raise ValueError for a sampling request that cannot work, before anything is computed or
+    written: the sampler and its step limit (`objective.check_sampler`), labels in [0,
+    num_classes) and no more of them than samples, a seed torch accepts."""
+    if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
+        raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
+    check = getattr(objective, "check_sampler", None)
+    if check is not None:
+        check(steps, sampler)
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63):
+        raise ValueError(f"seed={seed!r}: expected an integer in [0, 2**63)")
+    if labels is not None:
+        lab = torch.as_tensor(labels).reshape(-1)
+        nc = task.num_classes
+        if nc == 0:
+            raise ValueError("labels given, but the model is unconditional (num_classes=0)")
+        if lab.numel() == 0 or lab.dtype.is_floating_point or int(lab.min()) < 0 or int(lab.max()) >= nc:
+            raise ValueError(f"labels must be class ids in [0, {nc}), got {lab.tolist()}")
+        if lab.numel() > num_samples:
+            raise ValueError(f"{lab.numel()} labels for num_samples={num_samples}: give at most one "
+                             "label per sample (fewer are repeated in turn)")
 
 
 SAMPLING_KEYS = ("num_samples", "batch_size", "steps", "sampler", "cfg_scale", "cfg_channels",
@@ -58,15 +116,15 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
     device = device or next(model.parameters()).device
     model.eval()
     nc = task.num_classes
+    check_request(objective, task, num_samples=num_samples, steps=steps, sampler=sampler,
+                  labels=labels, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     if labels is None and nc > 0:
         labels = torch.randint(0, nc, (num_samples,), generator=gen)
     elif labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long)
-        if labels.numel() != num_samples:
+        if labels.numel() != num_samples:  # fewer labels than samples: repeated in turn
             labels = labels.repeat(math.ceil(num_samples / labels.numel()))[:num_samples]
-        if nc and (labels.min() < 0 or labels.max() >= nc):
-            raise ValueError(f"labels must lie in [0, {nc}), got {labels.tolist()}")
     net = conditional_net(model, nc, cfg_scale, cfg_channels, tail_drop, tail_drop_uncond)
     shape_one = (task.channels, *task.grid)
     outs, rec = [], {"ts": None, "kept": [], "mean_p": [], "maps": {}, "step_flops": []}
@@ -109,7 +167,13 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
             rec["mean_p"].append(torch.stack(mean_p, 1) if mean_p else torch.zeros(B, 0))
             if flops:
                 rec["step_flops"].append(torch.stack([torch.as_tensor(f, dtype=torch.float64) for f in flops], 1))
-    result = {"samples": torch.cat(outs), "labels": labels, "seconds": time.time() - t0,
+    samples = torch.cat(outs)
+    bad = int((~torch.isfinite(samples)).sum())
+    if bad:
+        raise NonFiniteSamplesError(
+            f"sampling produced {bad} non-finite values of {samples.numel()} (sampler={sampler}, "
+            f"steps={steps}, cfg_scale={cfg_scale}); nothing was written")
+    result = {"samples": samples, "labels": labels, "seconds": time.time() - t0,
               "grid": getattr(model, "grid", tuple(task.grid))}
     if record:
         result.update(ts=rec["ts"], kept=torch.cat(rec["kept"]), mean_p=torch.cat(rec["mean_p"]),
@@ -157,33 +221,41 @@ def write_boundary_outputs(result: dict, task, out_dir: Path) -> list[Path]:
 
 def load_run(run_dir, device) -> tuple:
     """(model, objective, task, export config) of a run dir or an exported checkpoint dir."""
-    from hydra.utils import instantiate
-
-    from .io import load_model, read_export_config
-    model = load_model(run_dir, device=device)
-    ecfg = read_export_config(run_dir)
+    from .io import load_model, read_export_config, resolve_export_dir
+    from .trust import build
+    ecfg = read_export_config(run_dir)  # checked before anything is built
+    where = str(resolve_export_dir(run_dir) / "dcgen.json")
     if "task" not in ecfg:
         raise ValueError(f"{run_dir}: the export has no task config; sample it from Python with "
                          "dcgen.sample.generate(model, objective, task)")
-    task = instantiate(OmegaConf.create(ecfg["task"]), _convert_="all")
-    obj_cfg = ecfg.get("objective") or {"_target_": "dcgen.diffusion.GaussianDiffusion"}
-    objective = instantiate(OmegaConf.create(obj_cfg), _convert_="all")
+    task = build(ecfg["task"], "task", where)
+    objective = build(ecfg.get("objective") or {"_target_": "dcgen.diffusion.GaussianDiffusion"},
+                      "objective", where)
+    model = load_model(run_dir, device=device)
     return model, objective, task, ecfg
 
 
 def sample_command(cfg: DictConfig) -> Path:
-    """`dcgen sample run_dir=... [num_samples steps sampler cfg_scale tail_drop seed ...]`."""
+    """`dcgen sample run_dir=... [num_samples steps sampler cfg_scale tail_drop seed ...]`.
+    Everything is checked, and the samples made, before the output folder is created."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = pick_device(cfg.device)
     model, objective, task, ecfg = load_run(cfg.run_dir, device)
     from .pipeline import with_diffusers_samplers
     objective = with_diffusers_samplers(objective)  # sampler=dpm++ | unipc through diffusers
-    out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "samples" / time.strftime("%Y%m%d-%H%M%S"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = generate(model, objective, task, **sampling_args(cfg, ecfg), labels=cfg.labels,
+    args = sampling_args(cfg, ecfg)
+    labels = OmegaConf.to_container(cfg.labels) if cfg.labels is not None else None
+    check_request(objective, task, num_samples=args["num_samples"], steps=args["steps"],
+                  sampler=args["sampler"], labels=labels, seed=cfg.seed)
+    check_memory(args["num_samples"], task)
+    conditional_net(model, task.num_classes, args["cfg_scale"], args["cfg_channels"],
+                    args["tail_drop"], args.get("tail_drop_uncond"))  # checks the guidance settings
+    result = generate(model, objective, task, **args, labels=labels,
                       seed=cfg.seed, device=device, record=True, map_samples=cfg.boundary_maps,
                       map_timesteps=cfg.map_timesteps, progress=True)
     data = task.decode(result["samples"].to(device)).cpu()
+    out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "samples" / time.strftime("%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = task.write_samples(data, out_dir, labels=result["labels"])
     np.save(out_dir / "samples_model_space.npy", result["samples"].numpy())
     files += write_boundary_outputs(result, task, out_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, resume, resume_candidates, save_checkpoint, set_rng_state
 from .diffusion.gaussian import host_to_device
 from .ema import EMA
 from .models import DCDiT
@@ -207,11 +207,18 @@ class TrainingPreempted(RuntimeError):
     """SIGTERM/SIGUSR1 received: a checkpoint was written at a step boundary (exit code 75)."""
 
 
-class _Signals:
-    """SIGTERM and SIGUSR1 (SLURM's warning before a kill, `--signal=USR1@120`) request a stop at
-    the next step boundary; a second signal exits at once (exit code 128 + signal)."""
+class TrainingInterrupted(TrainingPreempted):
+    """SIGINT (Ctrl-C) received: a checkpoint was written at a step boundary (exit code 130)."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+class _Signals:
+    """SIGTERM and SIGUSR1 (SLURM's warning before a kill, `--signal=USR1@120`) and SIGINT
+    (Ctrl-C) request a stop at the next step boundary, where a checkpoint is written; a second
+    signal exits at once (exit code 128 + signal). The CLI exits 75 after SIGTERM/SIGUSR1 (a
+    requeue wrapper retries) and 130 after SIGINT (a person asked to stop: scripts see the usual
+    interrupt code and do not retry); rerunning the command resumes either way."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self):
         import signal
@@ -358,13 +365,16 @@ def _trackers(log_with) -> list[str]:
     return names
 
 
-def train(cfg: DictConfig, return_model: bool = False):
+def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     """Train as `cfg` says; returns the run dir (and, with `return_model`, this process's
     unwrapped model and EMA model, e.g. to compare ranks). Raises TrainingPreempted after writing
-    a checkpoint when SIGTERM/SIGUSR1 arrives, NonFiniteLossError on a non-finite loss."""
+    a checkpoint when SIGTERM/SIGUSR1/SIGINT arrives, NonFiniteLossError on a non-finite loss.
+    `trusted`: False when `cfg` was read from a run dir's file (its task, objective and optim
+    nodes are then built only from dcgen's exact tables, dcgen.trust)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list
-    from hydra.utils import instantiate
+
+    from .trust import build
 
     from .chunking import ratio_loss
     from .io import export_model
@@ -396,26 +406,39 @@ def train(cfg: DictConfig, return_model: bool = False):
                          f"x train.grad_accum_steps ({A})")
     micro = G_batch // (world * A)
     threads_note, n_threads = "", None
+    previous = _previous_state(run_dir) if cfg.run_dir else {}
+    if previous.get("step", 0) > tc.max_steps:
+        # nothing to train, and nothing is written (the stored config keeps its max_steps)
+        msg = (f"{run_dir} is at step {previous['step']}, past train.max_steps={tc.max_steps}: "
+               "nothing to train")
+        if return_model:
+            from .validate import ConfigError
+            raise ConfigError(msg)
+        if is_main:
+            print(f"dcgen train: {msg}", file=sys.stderr)
+        return run_dir
     if accelerator.device.type == "cpu":
-        recorded = None
-        if cfg.run_dir and (prev := latest_checkpoint(run_dir)) is not None:
-            import json
-            recorded = json.loads((prev / "state.json").read_text()).get("num_threads")
+        recorded = previous.get("num_threads")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
         n_threads, why = cpu_threads(tc.get("num_threads", "auto"), local, recorded)
+        if recorded and n_threads != recorded and is_main:
+            log.warning("train.num_threads=%d differs from the %d thread(s) this run started with: "
+                        "the float summation order changes, so the run continues but is no longer "
+                        "bit-identical to an uninterrupted one", n_threads, recorded)
         torch.set_num_threads(n_threads)
         threads_note = f", {n_threads} CPU thread(s) ({why})"
 
     # 2. Task, data, model, EMA, objective, optimiser: everything that can fail on a bad config
     #    is built before the run dir is touched --------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical model init on every rank
-    task = instantiate(cfg.task, _convert_="all")
+    where = str(Path(cfg.run_dir) / "config.yaml") if not trusted else "the command line"
+    task = build(cfg.task, "task", where, trusted=trusted)
     dataset = task.train_dataset()
     if len(dataset) == 0:
         raise ValueError(f"task {task.name} has an empty training set")
     model = build_model(cfg, task)
     is_dc = isinstance(model, DCDiT)
-    objective = instantiate(cfg.objective, _convert_="all")
+    objective = build(cfg.objective, "objective", where, trusted=trusted)
     if getattr(objective, "learn_sigma", False) and model.out_channels != 2 * task.channels:
         raise ValueError("objective learns sigma but the model has learn_sigma: false "
                          "(set model.learn_sigma=true or objective.learn_sigma=false, loss=mse)")
@@ -429,8 +452,14 @@ def train(cfg: DictConfig, return_model: bool = False):
                                    num_heads=model.config["num_heads"])
         upcycle_report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
         distill_steps = int(init.get("distill_steps", 0))
+    if tc.sample_every:  # the previews' settings, checked now rather than at the first preview
+        from .pipeline import with_diffusers_samplers
+        from .sample import check_request, sampling_args
+        preview = sampling_args(cfg.sample)
+        check_request(with_diffusers_samplers(objective), task, num_samples=preview["num_samples"],
+                      steps=preview["steps"], sampler=preview["sampler"], seed=cfg.seed)
     ema = EMA(model, tc.ema_decay)
-    optimizer = instantiate(cfg.optim)(params=param_groups(model, cfg))
+    optimizer = build(cfg.optim, "optim", where, trusted=trusted)(params=param_groups(model, cfg))
     n_params = sum(p.numel() for p in model.parameters())
     if tc.get("compile", False):
         from .models.compile import compile_backbone
@@ -452,9 +481,9 @@ def train(cfg: DictConfig, return_model: bool = False):
 
     # 4. Resume -------------------------------------------------------------------------------------
     start_step = 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        ck_state, rng = load_checkpoint(ckpt, model, ema, optimizer, rank)
+    resumed = resume(run_dir, model, ema, optimizer, rank, accelerator, log)
+    if resumed is not None:
+        ckpt, ck_state, rng = resumed
         start_step = ck_state["step"]
         set_rng_state(rng["global"])
         if is_main:
@@ -551,6 +580,10 @@ def train(cfg: DictConfig, return_model: bool = False):
             is_ckpt = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps
             decision.push(step - 1, signals.received is not None)
             stop, bad = decision.poll(wait=is_log or is_ckpt)
+            if stop and bad is None:
+                # the stop may come from the previous step's flags: this step's finite flag is
+                # read too before any checkpoint is written
+                bad = decision.poll(wait=True)[1]
             if bad is not None:
                 bad_step, bad_ranks = bad
                 raise NonFiniteLossError(
@@ -559,9 +592,12 @@ def train(cfg: DictConfig, return_model: bool = False):
                     f"{latest_checkpoint(run_dir) or 'none (no checkpoint yet)'}")
             if stop and step < tc.max_steps:
                 checkpoint(step)
-                raise TrainingPreempted(
-                    f"preempted (signal received): checkpoint at step {step} written to "
-                    f"{latest_checkpoint(run_dir)}; rerun the same command to resume")
+                import signal as _signal
+                interrupted = signals.received == _signal.SIGINT
+                raise (TrainingInterrupted if interrupted else TrainingPreempted)(
+                    f"{'interrupted (Ctrl-C)' if interrupted else 'preempted (signal received)'}: "
+                    f"checkpoint at step {step} written to {latest_checkpoint(run_dir)}; rerun the "
+                    "same command to resume")
 
             # logging (rank-averaged)
             if is_log:
@@ -600,6 +636,20 @@ def train(cfg: DictConfig, return_model: bool = False):
     if return_model:
         return run_dir, raw, ema.model
     return run_dir
+
+
+def _previous_state(run_dir: Path) -> dict:
+    """state.json of the newest checkpoint whose state.json reads ({} for a new run): the step
+    and thread count a resume starts from (the full load, with fallback, comes later)."""
+    import json
+    for path in resume_candidates(run_dir):
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and isinstance(state.get("step"), int):
+            return state
+    return {}
 
 
 def _fault_signal(step: int, rank: int):
@@ -683,9 +733,12 @@ class _Stats:
 @torch.no_grad()
 def _preview(cfg, task, model, objective, run_dir: Path, step: int, writer):
     """A few samples from the EMA weights, written by the task and logged to TensorBoard."""
+    from .pipeline import with_diffusers_samplers
     from .sample import generate, sampling_args
     out_dir = run_dir / "samples" / f"step_{step:08d}"
-    result = generate(model, objective, task, **sampling_args(cfg.sample), seed=cfg.seed, record=False)
+    # the same sampler construction as `dcgen sample` (dpm++ and unipc through diffusers)
+    result = generate(model, with_diffusers_samplers(objective), task, **sampling_args(cfg.sample),
+                      seed=cfg.seed, record=False)
     data = task.decode(result["samples"])
     task.write_samples(data, out_dir, labels=result["labels"])
     if writer is not None and data.dim() == 4 and data.shape[1] in (1, 3):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -105,8 +106,11 @@ def path_str() -> Rule:
 
 TRACKERS = ("tensorboard", "wandb")
 
+# seeds are combined with step, epoch and rank indices into torch generator seeds (< 2**64)
+MAX_SEED = 2 ** 40
+
 TRAIN = {
-    "seed": int_(0),
+    "seed": int_(0, MAX_SEED),
     "train.max_steps": int_(1),
     "train.global_batch_size": int_(1),
     "train.grad_accum_steps": int_(1),
@@ -131,9 +135,6 @@ TRAIN = {
     "dc.multi_budget": boolean(),
     "dc.multi_budget_start_step": int_(0),
     "dc.budgets": list_of(num(0, 1, hi_open=True)),
-    "sample.num_samples": int_(1),
-    "sample.steps": int_(1),
-    "sample.cfg_scale": num(0),
     "optim.lr": num(0, lo_open=True),
 }
 
@@ -147,8 +148,13 @@ _SAMPLING = {
     "cfg_channels": choice(None, "all", "legacy3"),
     "tail_drop": num(0, 1, hi_open=True),
     "tail_drop_uncond": optional(num(0, 1, hi_open=True)),
-    "seed": int_(0),
+    "seed": int_(0, MAX_SEED),
+    "device": Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                   "auto, cpu, cuda or cuda:N"),
 }
+
+# train's `sample:` node (the previews) takes the sampling keys of dcgen sample
+TRAIN.update({f"sample.{k}": rule for k, rule in _SAMPLING.items() if k != "run_dir"})
 
 SAMPLE = {
     **_SAMPLING,
@@ -159,7 +165,7 @@ SAMPLE = {
 
 EVALUATE = {**_SAMPLING, "decode_batch_size": optional(int_(1)), "tf32": boolean()}
 
-PREPARE = {"seed": int_(0)}
+PREPARE = {"seed": int_(0, MAX_SEED)}
 
 EXPORT = {"run_dir": path_str(), "out_dir": path_str(),
           "push_to_hub": optional(Rule(lambda v: isinstance(v, str) and v.count("/") == 1, "owner/name")),
@@ -203,33 +209,3 @@ def validate(command: str, cfg: DictConfig) -> None:
         if int(tc.global_batch_size) % int(tc.grad_accum_steps):
             raise ConfigError(f"train.global_batch_size={tc.global_batch_size} is not divisible by "
                               f"train.grad_accum_steps={tc.grad_accum_steps}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading never runs foreign code: `_target_` values from a run dir's or an export's YAML
-# ----------------------------------------------------------------------------------------------
-
-SAFE_TARGET_PREFIXES = ("dcgen.",)
-# the optimizer node of a run dir names a torch optimizer class; nothing else outside dcgen
-SAFE_OPTIM_PREFIXES = ("torch.optim.",)
-
-
-def check_targets(node, where: str, path: str = "", allowed=SAFE_TARGET_PREFIXES) -> None:
-    """Refuse any `_target_` in `node` (a dict/DictConfig, searched recursively) that does not
-    start with an allowed prefix. `where` names the file for the message."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        node = OmegaConf.to_container(node, resolve=False)
-    if isinstance(node, dict):
-        for k, v in node.items():
-            sub = f"{path}.{k}" if path else str(k)
-            if k == "_target_":
-                ok_prefixes = allowed + (SAFE_OPTIM_PREFIXES if path.split(".")[0] == "optim" else ())
-                if not isinstance(v, str) or not v.startswith(ok_prefixes):
-                    raise ConfigError(
-                        f"{where}: refusing {sub}={v!r}: loading builds only classes under "
-                        f"{', '.join(p + '*' for p in ok_prefixes)}")
-            else:
-                check_targets(v, where, sub, allowed)
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            check_targets(v, where, f"{path}[{i}]", allowed)

@@ -65,6 +65,14 @@ class FlowMatching:
         return int(steps) * (2 if method == "heun" else 1)
 
     @staticmethod
+    def check_sampler(steps, method: str) -> None:
+        """Raise ValueError unless `method` (euler, heun) can sample in `steps` (an integer >= 1)."""
+        if method not in ("euler", "heun"):
+            raise ValueError(f"sampler={method}: the flow objective samples with euler or heun")
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise ValueError(f"steps={steps!r}: expected an integer >= 1")
+
+    @staticmethod
     def interpolate(x0: torch.Tensor, s: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_s = (1 − s)·x_0 + s·ε."""
         s = s.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))

@@ -530,6 +530,22 @@ class GaussianDiffusion:
         """Model calls of one sampling run: one per step for ddpm and ddim."""
         return int(steps)
 
+    def check_sampler(self, steps, method: str) -> None:
+        """Raise ValueError unless `method` (ddpm, ddim) can sample in `steps` steps: an integer
+        in [1, num_timesteps], or a respacing string ("K1,K2,...", "ddimN")."""
+        if method not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler={method}: the Gaussian objective samples with ddpm or ddim "
+                             "(dpm++ and unipc through diffusers; euler and heun need the flow objective)")
+        T = self.num_timesteps
+        if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
+            if not 1 <= int(steps) <= T:
+                raise ValueError(f"steps={steps}: {method} takes 1 to {T} steps (the model was "
+                                 f"trained with {T} timesteps)")
+            return
+        kept = space_timesteps(T, steps)
+        if len(set(kept)) != len(kept) or (kept and (min(kept) < 0 or max(kept) >= T)):
+            raise ValueError(f"steps={steps!r}: not a respacing of {T} timesteps")
+
     def sample(self, model, shape, y=None, steps=250, method: str = "ddpm", **kw) -> torch.Tensor:
         """Uniform entry point shared with FlowMatching: method "ddpm" or "ddim"."""
         if method == "ddpm":

@@ -39,6 +39,15 @@ def _per_sample(rho, B: int, device) -> torch.Tensor:
     return rho
 
 
+def check_tail_drop(rho, name: str = "tail_drop") -> None:
+    """A budget is a number or a tensor with every value in [0, 1) (checked once, when a sampling
+    wrapper is made, so a tensor budget is range-checked like a float one)."""
+    vals = torch.as_tensor(rho, dtype=torch.float64).reshape(-1)
+    if vals.numel() == 0 or not bool(((vals >= 0) & (vals < 1)).all()):
+        shown = rho if not torch.is_tensor(rho) else vals.tolist()
+        raise ValueError(f"{name} must lie in [0, 1), got {shown}")
+
+
 class GuidedModel:
     """Callable with the model interface; see the module docstring and `guided_model`."""
 
@@ -50,6 +59,9 @@ class GuidedModel:
             raise ValueError(f"null_label must be a non-negative class index, got {null_label!r}")
         self.model, self.cfg_scale, self.null_label = model, float(cfg_scale), int(null_label)
         self.cfg_channels = cfg_channels
+        check_tail_drop(tail_drop, "tail_drop")
+        if tail_drop_uncond is not None:
+            check_tail_drop(tail_drop_uncond, "tail_drop_uncond")
         self.tail_drop, self.tail_drop_uncond = tail_drop, tail_drop_uncond
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs):
@@ -96,4 +108,5 @@ def conditional_net(model, num_classes: int, cfg_scale: float = 1.0, cfg_channel
     if cfg_scale != 1.0:
         raise ValueError("guidance (cfg_scale != 1) needs a class-conditional model (this one has "
                          "num_classes=0)")
+    check_tail_drop(tail_drop, "tail_drop")
     return lambda x, t, y=None, **kw: model(x, t, None, tail_drop=tail_drop)
