@@ -2,7 +2,7 @@
 
 Reads top to bottom in numbered phases. Every random draw that shapes the update (data order,
 timesteps, noise, label dropout, the multi-budget rho) is a function of (seed, step, global sample
-index), never of the number of processes: a 2-process run equals a 1-process run with the same
+index), never of the number of processes (each process draws only its own rows): a 2-process run equals a 1-process run with the same
 global batch, and a resumed run equals an uninterrupted one bit for bit.
 """
 from __future__ import annotations
@@ -89,14 +89,19 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return (self.stop - self.start) * self.A
 
 
-def step_randomness(seed: int, step: int, global_batch: int, sample_shape, objective, p_drop: float):
-    """Timesteps, noise and label-dropout mask for the whole global batch of `step`; each process
-    slices its own rows, so the draw is identical for any number of processes."""
-    g = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 17)
-    t = objective.draw_timesteps(global_batch, g)  # integer t (Gaussian) or s in [0, 1] (flow)
-    noise = torch.randn(global_batch, *sample_shape, generator=g)
-    drop = torch.rand(global_batch, generator=g) < p_drop
-    return t, noise, drop
+def step_randomness(seed: int, rows: range, sample_shape, objective, p_drop: float):
+    """Timesteps, noise and label-dropout mask of the global sample positions `rows` (this
+    process's micro-batch: q = step * G + j). Each row draws from its own generator, seeded by
+    (seed, q), so the draw is identical for any number of processes and micro-batches, and a
+    process draws only its own rows: the per-step cost falls as processes are added."""
+    from .task import item_generator
+    t, noise, drop = [], [], []
+    for q in rows:
+        g = item_generator(seed, "train-step", q)
+        t.append(objective.draw_timesteps(1, g))  # integer t (Gaussian) or s in [0, 1] (flow)
+        noise.append(torch.randn(1, *sample_shape, generator=g))
+        drop.append(torch.rand(1, generator=g) < p_drop)
+    return torch.cat(t), torch.cat(noise), torch.cat(drop)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +466,12 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     ema = EMA(model, tc.ema_decay)
     optimizer = build(cfg.optim, "optim", where, trusted=trusted)(params=param_groups(model, cfg))
     n_params = sum(p.numel() for p in model.parameters())
+    if tc.get("grad_checkpointing", False):
+        if tc.get("compile", False):
+            from .validate import ConfigError
+            raise ConfigError("train.grad_checkpointing and train.compile together are not supported "
+                              "(the compiled backbone is not checkpointed); choose one")
+        model.set_grad_checkpointing(True)
     if tc.get("compile", False):
         from .models.compile import compile_backbone
         compile_backbone(model)
@@ -533,17 +544,15 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
         while step < tc.max_steps:
             _fault_signal(step, rank)
             rho, n_eff = dc_schedule(dc, step) if is_dc else (0.0, dc.target_n)
-            t_all, noise_all, drop_all = step_randomness(cfg.seed, step, G_batch, sample_shape,
-                                                         objective, p_drop)
             grad_norm = None
             for k in range(A):
                 x, y = next(batches)
-                rows = sampler.positions(step, k)
-                sl = slice(rows.start - step * G_batch, rows.stop - step * G_batch)
+                t, noise, drop = step_randomness(cfg.seed, sampler.positions(step, k), sample_shape,
+                                                 objective, p_drop)
                 x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
-                t, noise = host_to_device(t_all[sl], accelerator.device), host_to_device(noise_all[sl], accelerator.device)
+                t, noise = host_to_device(t, accelerator.device), host_to_device(noise, accelerator.device)
                 if task.num_classes > 0:
-                    y = torch.where(host_to_device(drop_all[sl], y.device), torch.full_like(y, task.num_classes), y)
+                    y = torch.where(host_to_device(drop, y.device), torch.full_like(y, task.num_classes), y)
                 else:
                     y = None
                 with accelerator.accumulate(model), accelerator.autocast():

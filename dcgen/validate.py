@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 RESTART_KEYS = (
     "train.max_steps", "train.ckpt_every", "train.ckpt_keep", "train.sample_every",
     "train.log_every", "train.num_workers", "train.num_threads", "train.log_with", "sample.*",
+    "train.grad_checkpointing", "train.ckpt_keep_every",
 )
 
 
@@ -127,6 +128,7 @@ TRAIN = {
     "train.label_lr_mult": num(0, lo_open=True),
     "train.log_with": either(choice(None, "none", *TRACKERS), list_of(choice(*TRACKERS))),
     "train.compile": boolean(),
+    "train.grad_checkpointing": boolean(),
     "dc.ratio_weight": num(0),
     "dc.target_n": num(1),
     "dc.ratio_group_size": int_(1),

@@ -147,11 +147,26 @@ class ConditionedModel(nn.Module, PyTorchModelHubMixin, library_name="dcgen",
             return torch.autocast(x.device.type, dtype=dt)
         return contextlib.nullcontext()
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> "ConditionedModel":
+        """Activation checkpointing per backbone block: in training, each block keeps only its
+        input and recomputes its activations in the backward pass (non-reentrant
+        torch.utils.checkpoint; the recomputation runs the same kernels in the same order, so
+        the gradients are those of the plain run). Not a constructor argument: it changes memory,
+        not the model, and is not part of the model's description."""
+        self._grad_checkpointing = bool(enabled)
+        return self
+
     def run_blocks(self, h: torch.Tensor, c: torch.Tensor, pack: PackInfo | None = None) -> torch.Tensor:
-        """The DiT blocks, eager or compiled (`dcgen.models.compile.compile_backbone`)."""
+        """The DiT blocks, eager or compiled (`dcgen.models.compile.compile_backbone`), with
+        activation checkpointing per block when it is on and gradients are recorded."""
         spec = getattr(self, "_backbone_compile", None)
         if spec is not None and spec.active():
             return spec.run(self.blocks, h, c, pack)
+        if getattr(self, "_grad_checkpointing", False) and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            for blk in self.blocks:
+                h = checkpoint(blk, h, c, pack, use_reentrant=False)
+            return h
         for blk in self.blocks:
             h = blk(h, c, pack)
         return h

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -165,16 +166,24 @@ class LatentCache:
 
     Rows are in shard order, i.e. the manifest order with the skipped files left out, so the
     dataset is the same whatever number of processes wrote it. Arrays are opened lazily in each
-    process (DataLoader workers map the files themselves instead of receiving pickled copies)."""
+    process (DataLoader workers map the files themselves instead of receiving pickled copies),
+    and only what is read: the `fields` of the shards items come from, at most `max_open_shards`
+    shards at a time (least recently used closed first; a memory map holds one file descriptor).
+    So a worker holds at most `max_open_shards x len(fields)` files open whatever the cache size
+    (1.28M ImageNet items are 257 shards x 6 fields = 1542 files; `ulimit -n` is often 1024)."""
 
     FIELDS = ("mean", "logvar", "latent", "flip", "label", "index")
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, fields=FIELDS, max_open_shards: int = 8):
         self.dir = Path(cache_dir)
         self.manifest = read_manifest(self.dir)
         if self.manifest.get("version") != CACHE_VERSION:
             raise ValueError(f"{self.dir / MANIFEST}: cache version {self.manifest.get('version')} "
                              f"is not {CACHE_VERSION}; re-run dcgen prepare into a new cache_dir")
+        unknown = set(fields) - set(self.FIELDS)
+        if unknown:
+            raise ValueError(f"LatentCache: unknown fields {sorted(unknown)} (valid: {list(self.FIELDS)})")
+        self.fields, self.max_open = tuple(fields), max(1, int(max_open_shards))
         num = int(self.manifest["num_shards"])
         missing = [s for s in range(num) if not (self.dir / shard_name(s) / "meta.json").is_file()]
         if missing:
@@ -185,8 +194,9 @@ class LatentCache:
         self.counts = np.array([json.loads((self.dir / shard_name(s) / "meta.json").read_text())["count"]
                                 for s in range(num)], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        self._arrays: list[dict] | None = None
-        # labels are small; keep them in memory for class statistics and checks
+        self._open_shards: OrderedDict[int, dict] = OrderedDict()
+        # labels are small (8 bytes an item); kept in memory for class statistics and checks, read
+        # one shard at a time (each file closed after reading)
         self.labels = np.concatenate([np.load(self.dir / shard_name(s) / "label.npy")
                                       for s in range(num)]) if num else np.zeros(0, np.int64)
 
@@ -195,20 +205,33 @@ class LatentCache:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_arrays"] = None  # never pickle memory maps
+        state["_open_shards"] = OrderedDict()  # never pickle memory maps
         return state
 
-    def _open(self) -> list[dict]:
-        if self._arrays is None:
-            self._arrays = [{f: np.load(self.dir / shard_name(s) / f"{f}.npy", mmap_mode="r")
-                             for f in self.FIELDS} for s in range(len(self.counts))]
-        return self._arrays
+    def open_files(self) -> int:
+        """Memory maps this process holds open now."""
+        return sum(len(a) for a in self._open_shards.values())
+
+    def shard(self, s: int) -> dict:
+        """{field: memory map} of shard `s`, opened on first use; the least recently used shard
+        is closed when more than `max_open_shards` are open."""
+        arrays = self._open_shards.get(s)
+        if arrays is not None:
+            self._open_shards.move_to_end(s)
+            return arrays
+        while len(self._open_shards) >= self.max_open:
+            # dropped, not closed: the maps close when the last reference goes (closing one a
+            # caller still holds would crash that caller)
+            self._open_shards.popitem(last=False)
+        arrays = {f: np.load(self.dir / shard_name(s) / f"{f}.npy", mmap_mode="r") for f in self.fields}
+        self._open_shards[s] = arrays
+        return arrays
 
     def locate(self, i: int) -> tuple[dict, int]:
         if not 0 <= i < len(self):
             raise IndexError(f"latent cache index {i} out of range [0, {len(self)})")
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return self._open()[s], int(i - self.offsets[s])
+        return self.shard(s), int(i - self.offsets[s])
 
 
 class LatentDataset(Dataset):
@@ -235,9 +258,13 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cache)
 
+    # the fields each mode reads (labels come from the cache's in-memory array)
+    MODE_FIELDS = {"fixed": ("latent",), "resample": ("mean", "logvar", "index")}
+
     def __getitem__(self, key):
         i, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         arrays, row = self.cache.locate(i)
+        y = torch.tensor(int(self.cache.labels[i]), dtype=torch.int64)
         if self.mode == "fixed":
             z = torch.from_numpy(np.array(arrays["latent"][row], dtype=np.float32))
         else:
@@ -247,4 +274,4 @@ class LatentDataset(Dataset):
             logvar = torch.from_numpy(np.array(arrays["logvar"][row, flip], dtype=np.float32))
             eps = torch.randn(mean.shape, generator=g)
             z = mean + torch.exp(0.5 * logvar) * eps
-        return z * self.scale, torch.tensor(int(arrays["label"][row]), dtype=torch.int64)
+        return z * self.scale, y

@@ -93,7 +93,7 @@ class ImageNetLatentTask(Task):
 
     def train_dataset(self) -> LatentDataset:
         if self._dataset is None:
-            cache = LatentCache(self.cache_dir)
+            cache = LatentCache(self.cache_dir, fields=LatentDataset.MODE_FIELDS[self.data["latent_sampling"]])
             m = cache.manifest
             side = self.resolution // self.downsample
             if m["resolution"] != self.resolution or m["latent_size"] != side \

@@ -1,0 +1,204 @@
+"""Paper scale, simulated on the CPU with synthetic data in the real layout (issue 19)."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+IMAGENET_ITEMS, SHARD = 1_281_167, 5000  # 257 shards, as `dcgen prepare` writes ImageNet
+
+
+@pytest.fixture(scope="module")
+def imagenet_sized_cache(tmp_path_factory):
+    """A latent cache with the layout of tasks/imagenet_latent/prepare.py at ImageNet's size:
+    1,281,167 items in 257 shards, each with all six fields (tiny per-item arrays: 1x2x2
+    latents in float16)."""
+    from dcgen.tasks.imagenet_latent.data import CACHE_VERSION, shard_name
+    d = tmp_path_factory.mktemp("imagenet_sized")
+    num = -(-IMAGENET_ITEMS // SHARD)
+    C, h, w = 1, 2, 2
+    rng = np.random.default_rng(0)
+    for s in range(num):
+        n = min(SHARD, IMAGENET_ITEMS - s * SHARD)
+        sd = d / shard_name(s)
+        sd.mkdir()
+        idx = np.arange(s * SHARD, s * SHARD + n, dtype=np.int64)
+        np.save(sd / "mean.npy", rng.standard_normal((n, 2, C, h, w)).astype(np.float16))
+        np.save(sd / "logvar.npy", np.full((n, 2, C, h, w), -2.0, np.float16))
+        np.save(sd / "latent.npy", rng.standard_normal((n, C, h, w)).astype(np.float16))
+        np.save(sd / "flip.npy", np.zeros(n, np.uint8))
+        np.save(sd / "label.npy", (idx % 1000).astype(np.int64))
+        np.save(sd / "index.npy", idx)
+        (sd / "meta.json").write_text(json.dumps({"count": n, "skipped": []}))
+    (d / "manifest.json").write_text(json.dumps({
+        "version": CACHE_VERSION, "num_shards": num, "resolution": 16, "latent_size": h,
+        "latent_channels": C, "classes": [str(i) for i in range(1000)], "shard_size": SHARD}))
+    return d
+
+
+READER = textwrap.dedent('''
+    import json, os, resource, sys
+    import numpy as np, torch
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    from dcgen.tasks.imagenet_latent.data import LatentCache, LatentDataset
+
+    def rss_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+    class Probe(torch.utils.data.Dataset):
+        def __init__(self, ds, keys):
+            self.ds, self.keys = ds, keys
+        def __len__(self):
+            return len(self.keys)
+        def __getitem__(self, j):
+            x, y = self.ds[self.keys[j]]
+            info = torch.utils.data.get_worker_info()
+            return x, y, len(os.listdir("/proc/self/fd")), rss_mb(), info.id
+
+    mode = sys.argv[2]
+    fields = LatentDataset.MODE_FIELDS[mode]
+    ds = LatentDataset(LatentCache(sys.argv[1], fields=fields), 0.5, mode, hflip=True, seed=0)
+    keys = [(int(i), 0) for i in np.random.default_rng(1).choice(len(ds), 10_000, replace=False)]
+    loader = torch.utils.data.DataLoader(Probe(ds, keys), batch_size=50, num_workers=4)
+    fds, rss, n, labels = {}, {}, 0, []
+    for x, y, nfd, mb, wid in loader:
+        n += len(y)
+        labels.append(y)
+        for f, m, w in zip(nfd.tolist(), mb.tolist(), wid.tolist()):
+            fds[w] = max(fds.get(w, 0), f)
+            rss.setdefault(w, []).append(m)
+    want = torch.tensor([k % 1000 for k, _ in keys])
+    print(json.dumps({"n": n, "labels_ok": bool(torch.equal(torch.cat(labels), want)),
+                      "max_fds": max(fds.values()),
+                      "rss_growth_mb": max(v[-1] - v[0] for v in rss.values())}))
+''')
+
+
+@pytest.mark.parametrize("mode", ["fixed", "resample"])
+def test_imagenet_sized_cache_reads_with_a_small_file_limit(imagenet_sized_cache, tmp_path, mode):
+    """4 DataLoader workers under `ulimit -n 256` read a random 10,000 of 1,281,167 items: every
+    item arrives with its label, each worker's open files stay bounded, its memory flat."""
+    script = tmp_path / "reader.py"
+    script.write_text(READER)
+    p = subprocess.run([sys.executable, str(script), str(imagenet_sized_cache), mode], capture_output=True,
+                       text=True, timeout=180, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["n"] == 10_000 and r["labels_ok"]
+    assert r["max_fds"] < 100, r  # interpreter + torch + at most 8 shards x the mode's fields
+    assert r["rss_growth_mb"] < 200, r
+
+
+def test_cache_keeps_at_most_max_open_shards(imagenet_sized_cache):
+    from dcgen.tasks.imagenet_latent.data import LatentCache, LatentDataset
+    cache = LatentCache(imagenet_sized_cache, fields=LatentDataset.MODE_FIELDS["resample"], max_open_shards=3)
+    ds = LatentDataset(cache, 1.0, "resample")
+    for i in range(0, len(ds), len(ds) // 20):
+        x, y = ds[i]
+        assert int(y) == i % 1000
+        assert len(cache._open_shards) <= 3 and cache.open_files() <= 9
+    assert set(next(iter(cache._open_shards.values()))) == {"mean", "logvar", "index"}
+
+
+def test_each_rank_draws_only_its_rows_and_the_draw_does_not_depend_on_the_split():
+    """t, noise and label dropout of a step drawn in one piece equal the same rows drawn in the
+    micro-batches of 2 or 3 processes with accumulation (each row from its own generator)."""
+    import torch
+    from dcgen.diffusion import FlowMatching, GaussianDiffusion
+    from dcgen.train import step_randomness
+    G, step, shape = 12, 5, (3, 4, 4)
+    for obj in (GaussianDiffusion(), FlowMatching(time_sampling="logit_normal")):
+        whole = step_randomness(7, range(step * G, (step + 1) * G), shape, obj, 0.3)
+        for pieces in ([0, 6, 12], [0, 2, 4, 6, 8, 10, 12], [0, 5, 12]):
+            parts = [step_randomness(7, range(step * G + a, step * G + b), shape, obj, 0.3)
+                     for a, b in zip(pieces, pieces[1:])]
+            for k in range(3):
+                assert torch.equal(torch.cat([p[k] for p in parts]), whole[k])
+        other_step = step_randomness(7, range((step + 1) * G, (step + 2) * G), shape, obj, 0.3)
+        assert not torch.equal(other_step[1], whole[1])
+
+
+def test_bench_step_noise_reports_the_per_rank_cost(capsys):
+    """The micro-benchmark runs and reports one row per (data, W) against the old draw."""
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_step_noise", root / "tools" / "bench_step_noise.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--batch", "16", "--repeats", "1", "--worlds", "1,8"])
+    assert len(rows) == 2 * len(mod.SHAPES)
+    assert all(r["new_ms"] > 0 and r["old_ms"] > 0 for r in rows)
+
+
+def _saved_bytes_and_grads(model, x, t, y):
+    """Bytes of the tensors autograd keeps for the backward pass (outside checkpointed regions),
+    and the parameter gradients of one loss."""
+    import torch
+    saved = {"bytes": 0}
+
+    def pack(tensor):
+        saved["bytes"] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out, aux = model(x, t, y)
+        loss = out.float().pow(2).mean() + sum(a.boundary_prob.float().mean() for a in aux)
+    loss.backward()
+    return saved["bytes"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["dcdit", "dit"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grad_checkpointing_gives_identical_gradients_and_keeps_less(arch, autocast):
+    import contextlib
+
+    import torch
+    from dcgen.models import DCDiT, DiT
+    torch.manual_seed(0)
+    common = dict(input_size=(16, 16), in_channels=3, num_classes=4, hidden_size=64, depth=4, num_heads=4)
+    model = DCDiT(**common, norm_groups=8) if arch == "dcdit" else DiT(**common, patch_size=2)
+    for p in model.parameters():  # away from the zero inits, so every gradient is non-trivial
+        torch.nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(3, 3, 16, 16, generator=g), torch.tensor([10, 500, 990]), torch.tensor([0, 3, 4])
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    model.train()
+    with ctx:
+        plain_bytes, plain = _saved_bytes_and_grads(model, x, t, y)
+    model.set_grad_checkpointing(True)
+    with ctx:
+        ckpt_bytes, ckpt = _saved_bytes_and_grads(model, x, t, y)
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    worst = max((plain[k].float() - ckpt[k].float()).abs().max().item() for k in plain)
+    assert worst <= 1e-6, worst
+    assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+    with torch.no_grad():  # sampling: no checkpointing, the same output
+        model.eval()
+        a = model(x, t, y)[0]
+        model.set_grad_checkpointing(False)
+        assert torch.equal(a, model(x, t, y)[0])
+
+
+def test_train_with_grad_checkpointing_matches_the_plain_run(tmp_path):
+    """train.grad_checkpointing=true: the same weights as the plain run after a few steps."""
+    import torch
+    from dcgen.cli import compose
+    from dcgen.train import train
+    from test_train import TOY
+    out = []
+    for on in ("false", "true"):
+        cfg = compose("train", [*TOY, "train.max_steps=3", "train.ckpt_every=0", "train.num_threads=1",
+                                f"train.grad_checkpointing={on}", f"run_dir={tmp_path / on}"])
+        threads = torch.get_num_threads()
+        try:
+            out.append(train(cfg, return_model=True)[1].state_dict())
+        finally:
+            torch.set_num_threads(threads)
+    worst = max((out[0][k] - out[1][k]).abs().max().item() for k in out[0])
+    assert worst <= 1e-6, worst
