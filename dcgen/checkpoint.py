@@ -87,10 +87,12 @@ def _all_ok(accelerator, ok: bool) -> bool:
 
 
 def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extra_rng: dict,
-                    accelerator=None, keep: int = 2) -> Path:
+                    accelerator=None, keep: int = 2, keep_every: int = 0) -> Path:
     """Write the full state of `step`. Collective: every rank must call it. Every file is
     fsynced before the folder is renamed into place; a failed write (e.g. a full disk) on any
-    rank removes the temporary folder and raises CheckpointWriteError on every rank."""
+    rank removes the temporary folder and raises CheckpointWriteError on every rank. The newest
+    `keep` checkpoints are kept, and with `keep_every` > 0 also every milestone whose step is a
+    multiple of it."""
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -139,6 +141,8 @@ def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extr
         _fsync_dir(root)
         old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)
         for p in old[: max(0, len(old) - (keep - 1))]:
+            if keep_every and _step_of(p) > 0 and _step_of(p) % keep_every == 0:
+                continue  # a milestone
             shutil.rmtree(p, ignore_errors=True)
     _barrier(accelerator)
     return final
@@ -189,35 +193,47 @@ def resume_candidates(run_dir) -> list[Path]:
     return [named, *older]
 
 
-def read_checkpoint(path, model, ema, optimizer, rank: int = 0) -> dict:
+def read_checkpoint(path, model, ema, optimizer, rank: int = 0, world: int | None = None,
+                    weights: bool = True, mmap: bool = False) -> dict:
     """Everything of one checkpoint read into memory and checked against the model, nothing
     applied yet: {"model", "ema", "optimizer", "state", "rng"}. Any damage (a torn or truncated
-    file, a missing one, wrong keys or shapes) is a ValueError with one line."""
+    file, a missing one, wrong keys or shapes) is a ValueError with one line.
+
+    `weights` False skips model and EMA (a DDP rank other than 0: DDP broadcasts rank 0's
+    parameters when it wraps the model, and only rank 0 keeps the EMA it saves and exports).
+    `world`: the current number of processes; when it differs from the checkpoint's, there is no
+    RNG state for this rank and "rng" is None (the caller re-derives it). `mmap`: map the
+    optimizer file instead of reading it (the processes of one machine share its pages; for
+    GPU training, where the state is copied to the device and the map released)."""
     from .io import check_state_dict
     path = Path(path)
-    rng_file = path / f"rng_rank{rank}.pt"
-    if not rng_file.exists():
-        raise ValueError(f"{rng_file} missing: was this checkpoint written with another number of processes?")
     try:
-        out = {"model": load_file(path / "model.safetensors"), "ema": load_file(path / "ema.safetensors"),
-               "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-               "state": json.loads((path / "state.json").read_text()),
-               "rng": torch.load(rng_file, weights_only=True)}
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("state.json has no step")
+        same_world = world is None or int(state.get("world", world)) == int(world)
+        rng_file = path / f"rng_rank{rank}.pt"
+        if same_world and not rng_file.exists():
+            raise FileNotFoundError(f"{rng_file.name} missing")
+        out = {"state": state,
+               "optimizer": torch.load(path / "optimizer.pt", weights_only=True, mmap=mmap),
+               "rng": torch.load(rng_file, weights_only=True) if same_world else None}
+        if weights:
+            out["model"] = load_file(path / "model.safetensors")
+            out["ema"] = load_file(path / "ema.safetensors")
     except Exception as e:  # a torn file fails in many ways (safetensors, zip, pickle, JSON, OS)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"checkpoint {path} cannot be read: {type(e).__name__}: {first}") from None
-    for key, module in (("model", model), ("ema", ema)):
+    for key, module in (("model", model), ("ema", ema)) if weights else ():
         expected = {k: v.shape for k, v in module.state_dict().items()}
         check_state_dict(expected, out[key], f"{path / (key + '.safetensors')}")
-    if not isinstance(out["state"], dict) or not isinstance(out["state"].get("step"), int):
-        raise ValueError(f"checkpoint {path}: state.json has no step")
     return out
 
 
 def load_checkpoint(path, model, ema, optimizer, rank: int = 0) -> tuple[dict, dict]:
     """Restore model, EMA and optimizer in place; return (state.json, this rank's RNG dict).
     All files are read and checked before anything is applied."""
-    data = read_checkpoint(path, model, ema, optimizer, rank)
+    data = read_checkpoint(path, model, ema, optimizer, rank, world=None)
     try:
         model.load_state_dict(data["model"])
         ema.load_state_dict(data["ema"])
@@ -231,12 +247,19 @@ def resume(run_dir, model, ema, optimizer, rank: int = 0, accelerator=None, log=
     """Load the newest checkpoint of `run_dir` that every rank can read, falling back past a torn
     one to the previous kept checkpoint (said in one line each). Returns (path, state, rng), or
     None when the run has no checkpoint; a ValueError naming the newest one's damage when none
-    loads."""
+    loads. rng is None when the checkpoint was written by another number of processes.
+
+    Under DDP only rank 0 reads the model and EMA files (DDP broadcasts rank 0's parameters when
+    `accelerator.prepare` wraps the model; the EMA is saved and exported by rank 0 alone), and
+    on GPUs the optimizer file is memory-mapped, so a node's processes share its pages."""
     candidates = resume_candidates(run_dir)
+    world = 1 if accelerator is None else accelerator.num_processes
+    weights = rank == 0 or world == 1
+    mmap = accelerator is not None and accelerator.device.type == "cuda"
     newest_error = None
     for i, path in enumerate(candidates):
         try:
-            data, error = read_checkpoint(path, model, ema, optimizer, rank), None
+            data, error = read_checkpoint(path, model, ema, optimizer, rank, world, weights, mmap), None
         except ValueError as e:
             data, error = None, e
         if not _all_ok(accelerator, error is None):
@@ -247,8 +270,9 @@ def resume(run_dir, model, ema, optimizer, rank: int = 0, accelerator=None, log=
                 log.warning("%s; %s", _one_line(error),
                             f"falling back to {nxt}" if nxt else "no older checkpoint is kept")
             continue
-        model.load_state_dict(data["model"])
-        ema.load_state_dict(data["ema"])
+        if weights:
+            model.load_state_dict(data["model"])
+            ema.load_state_dict(data["ema"])
         try:
             optimizer.load_state_dict(data["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:

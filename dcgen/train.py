@@ -496,7 +496,18 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     if resumed is not None:
         ckpt, ck_state, rng = resumed
         start_step = ck_state["step"]
-        set_rng_state(rng["global"])
+        if rng is not None:
+            set_rng_state(rng["global"])
+        else:  # written by another number of processes (the rule in docs/configs.md)
+            from .task import draw_seed
+            torch.manual_seed(draw_seed(cfg.seed, "resume-rng", start_step, rank))
+            if is_main:
+                log.warning("%s was written by %s process(es), this run has %d: the global batch, data "
+                            "order, timesteps and noise continue unchanged (they depend on the sample "
+                            "position, not the process); each process's own random state is re-derived, "
+                            "and the gradient all-reduce sums in another order, so the run is not "
+                            "bit-identical to one that kept its process count", ckpt,
+                            ck_state.get("world", "?"), world)
         if is_main:
             log.info("resumed from %s (step %d)", ckpt, start_step)
     ema.model.to(accelerator.device)
@@ -533,7 +544,7 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
 
     def checkpoint(at: int):
         save_checkpoint(run_dir, at, raw, ema, optimizer, {"data_position": at * G_batch, **ckpt_state},
-                        {}, accelerator, keep=tc.ckpt_keep)
+                        {}, accelerator, keep=tc.ckpt_keep, keep_every=int(tc.get("ckpt_keep_every") or 0))
         if is_main:
             export_model(ema.model, run_dir / "export",
                          extra={"task": OmegaConf.to_container(cfg.task, resolve=True),

@@ -120,6 +120,7 @@ TRAIN = {
     "train.ema_decay": num(0, 1),
     "train.ckpt_every": int_(0),
     "train.ckpt_keep": int_(1),
+    "train.ckpt_keep_every": int_(0),
     "train.sample_every": int_(0),
     "train.log_every": int_(1),
     "train.num_workers": int_(0),

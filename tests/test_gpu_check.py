@@ -41,3 +41,19 @@ def test_smoke_run_on_cpu(tmp_path):
     md = (tmp_path / "performance.md").read_text()
     assert f"## GPU check: {run['machine']['name']} (cpu, smoke)" in md
     assert "| training | pass |" in md
+
+
+def test_smoke_run_leaves_the_checkout_clean(tmp_path):
+    """Without --out the report goes to runs/gpu_check/<time>/ under the current directory; only
+    --write-docs touches docs/."""
+    def status():
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+    before = status()
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--smoke", "--only", "chunking"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert status() == before
+    reports = list((tmp_path / "runs" / "gpu_check").glob("*/gpu_check/*.json"))
+    assert len(reports) == 1 and json.loads(reports[0].read_text())["sections"]["chunking"]["status"] == "pass"

@@ -1489,7 +1489,7 @@ def write_markdown(out: Path, log) -> None:
     checks = sorted((out / "gpu_check").glob("*.json"))
     if not checks:
         md = md.rstrip() + ("\n\n## GPU check\n\nNo `tools/gpu_check.py` run yet. On a CUDA machine, "
-                            "`python tools/gpu_check.py` (under 8 minutes on one GPU) adds a section here: the "
+                            "`python tools/gpu_check.py --write-docs` (under 8 minutes on one GPU) adds a section here: the "
                             "gpu-marked tests, chunking against the CPU oracles, every attention backend and "
                             "what `auto` picks, bf16 training steps of DiT-B/2 and DC-DiT-B with and without "
                             "compile, and a 2-GPU DDP run.\n")

@@ -1,7 +1,8 @@
 """The check to run the moment a GPU is available: one command, under 8 minutes on one GPU.
 
-    python tools/gpu_check.py                      # CUDA: docs/gpu_check/<device>.json + a docs/performance.md section
-    python tools/gpu_check.py --smoke --out /tmp/g # CPU, seconds: tiny sizes, the same code paths on device cpu
+    python tools/gpu_check.py --write-docs         # CUDA: docs/gpu_check/<device>.json + a docs/performance.md section
+    python tools/gpu_check.py                      # the same into runs/gpu_check/<time>/ (nothing tracked changes)
+    python tools/gpu_check.py --smoke              # CPU, seconds: tiny sizes, the same code paths on device cpu
     python tools/gpu_check.py --only chunking,attention
 
 Sections (each records pass / fail / skipped with the reason, and never stops the others):
@@ -496,7 +497,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, seconds (CUDA-only parts skipped)")
     ap.add_argument("--device", default=None, help="default: cuda if available (smoke: cpu)")
-    ap.add_argument("--out", default="docs", help="writes OUT/gpu_check/<device>.json and OUT/performance.md")
+    ap.add_argument("--out", default=None,
+                    help="writes OUT/gpu_check/<device>.json and OUT/performance.md (default: a new "
+                         "runs/gpu_check/<time> folder under the current directory)")
+    ap.add_argument("--write-docs", action="store_true",
+                    help="write into the repository's docs/ (docs/gpu_check/ and docs/performance.md), "
+                         "to commit a GPU's report")
     ap.add_argument("--only", default=None, help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per run")
     ap.add_argument("--attn-repeats", type=int, default=10)
@@ -547,7 +553,10 @@ def main(argv=None) -> dict:
            "elapsed_s": time.time() - t0, "sections": sections,
            "ok": all(s["status"] != "fail" for s in sections.values())}
     run["markdown"] = render(run)
-    out = Path(args.out)
+    if args.write_docs and args.out:
+        raise SystemExit("gpu_check: give --out or --write-docs, not both")
+    out = ROOT / "docs" if args.write_docs else Path(args.out or Path("runs") / "gpu_check" /
+                                                        time.strftime("%Y%m%d-%H%M%S"))
     (out / "gpu_check").mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", f"{dev.type}-{info['name']}{'-smoke' if args.smoke else ''}".lower()).strip("-")
     path = out / "gpu_check" / f"{slug}.json"
