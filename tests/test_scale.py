@@ -267,3 +267,59 @@ def test_milestones_are_kept_besides_the_newest(tmp_path):
              "train.ckpt_keep_every=3", f"run_dir={rd}"])
     kept = sorted(p.name for p in (rd / "checkpoints").glob("step_*"))
     assert kept == ["step_00000003", "step_00000006", "step_00000007"]
+
+
+SRUN_SHIM = """#!/bin/bash
+# a stand-in for srun on one machine: start SLURM_NTASKS copies of the command with the ids SLURM
+# gives its tasks, wait for all, exit with the largest exit code (as srun does)
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+    pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p"; s=$?; (( s > status )) && status=$s; done
+exit $status
+"""
+SCONTROL_SHIM = """#!/bin/bash
+if [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> "$SHIM_LOG"; fi
+"""
+
+
+@pytest.mark.slow
+def test_multinode_sbatch_runs_one_job_and_requeues_after_preemption(tmp_path):
+    """tools/slurm_train_multinode.sbatch with srun/scontrol stand-ins (no SLURM here): its tasks
+    join one 2-process job; a SIGUSR1 to every task (what --signal=USR1@120 sends) ends in exit 75
+    and `scontrol requeue`; the same script and command then resume and finish."""
+    import os
+    import socket
+    from dcgen.checkpoint import latest_checkpoint
+    from test_train import TOY
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN_SHIM), ("scontrol", SCONTROL_SHIM)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "scontrol.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[1]", SLURM_NTASKS="2",
+               SLURM_NTASKS_PER_NODE="2(x1)", SLURM_CPUS_PER_TASK="1", MASTER_PORT=str(port),
+               SHIM_LOG=str(log), ACCELERATE_MIXED_PRECISION="no")
+    env.pop("DCGEN_DEBUG", None)
+    rd = tmp_path / "run"
+    cmd = ["bash", str(root / "tools" / "slurm_train_multinode.sbatch"), *TOY, "train.max_steps=5",
+           "train.ckpt_every=0", "train.log_every=5", f"run_dir={rd}"]
+    p = subprocess.run(cmd, env={**env, "DCGEN_FAULT_SIGNAL_AT_STEP": "1:SIGUSR1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 75, p.stderr[-3000:]
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert json.loads((latest_checkpoint(rd) / "state.json").read_text())["world"] == 2
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert latest_checkpoint(rd).name == "step_00000005"
+    assert log.read_text().split() == ["requeue", "4242"]  # not requeued again
