@@ -323,3 +323,30 @@ def test_multinode_sbatch_runs_one_job_and_requeues_after_preemption(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert latest_checkpoint(rd).name == "step_00000005"
     assert log.read_text().split() == ["requeue", "4242"]  # not requeued again
+
+
+def test_pixel_folder_of_20000_files_starts_without_decoding(tmp_path, monkeypatch):
+    """Building the dataset lists 20,000 files and decodes none; items decode one by one."""
+    from PIL import Image
+
+    from dcgen.tasks.pixel.task import PixelTask
+    root = tmp_path / "imgs"
+    im = Image.new("RGB", (4, 4), (10, 200, 30))
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(5000):
+            im.save(root / f"c{c}" / f"{i:05d}.png")
+    opened = {"n": 0}
+    real_open = Image.open
+
+    def counting_open(*a, **k):
+        opened["n"] += 1
+        return real_open(*a, **k)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    task = PixelTask(source="folder", root=root, resolution=4)
+    ds = task.train_dataset()
+    assert len(ds) == 20_000 and task.num_classes == 4
+    assert opened["n"] == 0
+    x, y = ds[12_345]
+    assert opened["n"] == 1 and int(y) == 2 and x.shape == (3, 4, 4)

@@ -125,6 +125,20 @@ def test_pixel_folder_skips_corrupt_file(tmp_path, caplog):
 
     task = PixelTask(source="folder", root=root, resolution=8)
     assert task.num_classes == 3 and task.channels == 3
+    # without an index: listed by name, the bad file found (and named) when it is read; its item
+    # is served by the next readable one
+    with caplog.at_level(logging.WARNING, logger="dcgen.data"):
+        lazy = task.train_dataset()
+        assert len(lazy) == 7 and lazy.skipped == []
+        items = [lazy[i] for i in range(len(lazy))]
+    assert lazy.skipped == [bad] and "bad.png" in caplog.text
+    j = [p for p, _ in lazy.samples].index(bad)
+    assert torch.equal(items[j][0], items[j + 1][0]) and int(items[j][1]) == int(items[j + 1][1])
+    # dcgen prepare checks every file once and writes the index; the dataset then leaves it out
+    caplog.clear()
+    task = PixelTask(source="folder", root=root, resolution=8)
+    task.prepare()
+    assert (root / ".dcgen_index.json").is_file()
     with caplog.at_level(logging.WARNING, logger="dcgen.data"):
         ds = task.train_dataset()
     assert ds.skipped == [bad] and task.skipped == [bad]

@@ -2,9 +2,10 @@
 
 - digits: scikit-learn's bundled 8x8 handwritten digits (no network), upscaled: a real but tiny
   image data set for CPU smoke runs.
-- folder: ImageFolder layout (one sub-folder per class, sorted names -> label ids). Every file is
-  validated once when the dataset is built; unreadable files are logged by name and skipped, so a
-  single bad file never kills a long run halfway through an epoch.
+- folder: ImageFolder layout (one sub-folder per class, sorted names -> label ids), read lazily:
+  building the dataset decodes nothing. `dcgen prepare` validates every file once and writes an
+  index that training reads; without it an unreadable file is logged by name when it is met and
+  its item served by the next readable one, so a single bad file never kills a long run.
 - npz: an array `images` (N, H, W[, C]) and optional `labels`, held in memory.
 """
 from __future__ import annotations
@@ -189,14 +190,67 @@ def _is_readable(path: Path) -> str | None:
     return None
 
 
+INDEX_FILE = ".dcgen_index.json"
+
+
+def list_image_files(root: Path, classes: Sequence[str], extensions: Sequence[str]) -> list[tuple[Path, int]]:
+    """(path, label) of every image file under the class folders, sorted; names only (no file
+    is opened)."""
+    exts = tuple(e.lower() for e in extensions)
+    out = []
+    for label, name in enumerate(classes):
+        out += [(p, label) for p in sorted((root / name).rglob("*"))
+                if p.suffix.lower() in exts and p.is_file()]
+    return out
+
+
+def write_folder_index(root: str | Path, classes: Sequence[str] | None = None,
+                       extensions: Sequence[str] = IMAGE_EXTENSIONS, index_file: str | Path | None = None,
+                       progress_every: int = 10_000) -> Path:
+    """`dcgen prepare` for a folder source: decode every file once, and write the index
+    (`root/.dcgen_index.json`, or `index_file`): the classes, the readable files with their
+    labels, and the unreadable ones with the reason. Training then reads this list instead of
+    walking the folders, and never meets an unreadable file."""
+    import json
+    import os
+    root = Path(root)
+    classes = list(classes) if classes is not None else scan_class_folders(root)
+    files = list_image_files(root, classes, extensions)
+    good, bad = [], []
+    for n, (p, label) in enumerate(files, 1):
+        reason = _is_readable(p)
+        if reason is None:
+            good.append([str(p.relative_to(root)), label])
+        else:
+            log.warning("unreadable image %s (%s)", p, reason)
+            bad.append([str(p.relative_to(root)), reason])
+        if progress_every and n % progress_every == 0:
+            log.info("pixel prepare: checked %d / %d files", n, len(files))
+    out = Path(index_file) if index_file is not None else root / INDEX_FILE
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"version": 1, "classes": classes, "files": good, "skipped": bad}))
+    os.replace(tmp, out)
+    log.info("pixel prepare: %d readable, %d unreadable file(s); index %s", len(good), len(bad), out)
+    return out
+
+
 class ImageFolderDataset(Dataset):
-    """ImageFolder layout -> (C, R, R) in [-1, 1]. Files are validated once in `__init__`;
-    unreadable ones are logged by name and listed in `skipped`."""
+    """ImageFolder layout -> (C, R, R) in [-1, 1], read lazily: nothing is decoded when the
+    dataset is built, so it starts in O(1) per file whatever the data set's size.
+
+    With the index `dcgen prepare` writes (`root/.dcgen_index.json`, every file validated once)
+    the file list comes from it and known unreadable files are left out (`skipped`). Without
+    one, the folders are listed by name only; a file that turns out unreadable when it is read
+    is logged by name, added to `skipped`, and item i is served by the next readable item
+    (i + 1, i + 2, ... in order), so batches keep their size and the data stay a function of
+    the index, in every process and worker alike."""
 
     def __init__(self, root: str | Path, resolution: int, channels: int = 3,
                  hflip: bool = False, interpolation: str = "bicubic",
                  classes: Sequence[str] | None = None,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, seed: int = 0):
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, seed: int = 0,
+                 index_file: str | Path | None = None):
+        import json
         self.root = Path(root)
         self.seed = int(seed)
         self.classes = list(classes) if classes is not None else scan_class_folders(self.root)
@@ -205,25 +259,24 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"pixel folder source: interpolation must be one of "
                              f"{sorted(_PIL_RESAMPLE)}, got '{interpolation}'")
         self.resample = _PIL_RESAMPLE[interpolation]
-        exts = tuple(e.lower() for e in extensions)
-        self.samples: list[tuple[Path, int]] = []
         self.skipped: list[Path] = []
-        for label, name in enumerate(self.classes):
-            for p in sorted((self.root / name).rglob("*")):
-                if not p.is_file() or p.suffix.lower() not in exts:
-                    continue
-                reason = _is_readable(p)
-                if reason is None:
-                    self.samples.append((p, label))
-                else:
-                    log.warning("skipping unreadable image %s (%s)", p, reason)
-                    self.skipped.append(p)
-        if self.skipped:
-            log.warning("pixel folder source %s: skipped %d unreadable file(s) of %d",
-                        self.root, len(self.skipped), len(self.skipped) + len(self.samples))
+        index = Path(index_file) if index_file is not None else self.root / INDEX_FILE
+        self.index_file = index if index.is_file() else None
+        if self.index_file is not None:
+            data = json.loads(index.read_text())
+            if data.get("classes") != self.classes:
+                raise ValueError(f"{index}: written for the classes {data.get('classes')}, but the folder "
+                                 f"has {self.classes}; run dcgen prepare again")
+            self.samples = [(self.root / f, int(label)) for f, label in data["files"]]
+            self.skipped = [self.root / f for f, _ in data["skipped"]]
+            if self.skipped:
+                log.warning("pixel folder source %s: skipped %d unreadable file(s) of %d (listed in %s)",
+                            self.root, len(self.skipped), len(self.skipped) + len(self.samples), index)
+        else:
+            self.samples = list_image_files(self.root, self.classes, extensions)
         if not self.samples:
             raise ValueError(f"pixel folder source {self.root}: no readable images with "
-                             f"extensions {list(exts)} in {len(self.classes)} class folder(s)")
+                             f"extensions {list(extensions)} in {len(self.classes)} class folder(s)")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -250,8 +303,19 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
         i, epoch = item_key(key)
-        path, label = self.samples[i]
-        x = self.load(path)
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                x = self.load(path)
+                break
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                if path not in self.skipped:
+                    self.skipped.append(path)
+                    log.warning("skipping unreadable image %s (%s: %s); item %d is served by the next "
+                                "readable one (dcgen prepare checks every file once)", path,
+                                type(e).__name__, e, i)
+        else:
+            raise ValueError(f"pixel folder source {self.root}: no readable image at all")
         if self.hflip and flipped(self.seed, i, epoch):
             x = x.flip(-1)
         return x, torch.tensor(label, dtype=torch.int64)

@@ -1,9 +1,11 @@
 """The pixel task: images in pixel space, x in [-1, 1] with shape (C, R, R).
 
-No codec: the model sees pixels, so `decode` is the identity and nothing needs preparing.
+No codec: the model sees pixels, so `decode` is the identity. A folder source is best prepared
+once (`dcgen prepare`: every file checked, an index written); the others need nothing.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from dcgen.task import Task
 from .data import (INTERPOLATIONS, ImageFolderDataset, TensorImageDataset, load_digits_tensors,
                    load_npz_tensors, scan_class_folders)
 
+log = logging.getLogger("dcgen.data")
 SOURCES = ("digits", "folder", "npz")
 
 
@@ -25,8 +28,9 @@ class PixelTask(Task):
     source="digits": scikit-learn's bundled 8x8 digits (1797 images, 10 classes, no network),
         upscaled to `resolution`; gray (C=1) unless `channels=3`.
     source="folder": `root` is an ImageFolder directory (one sub-folder per class, sorted names
-        -> label ids); RGB unless `channels=1`; centre crop + resize; unreadable files are
-        logged by name and skipped (see `skipped` after `train_dataset()`).
+        -> label ids); RGB unless `channels=1`; centre crop + resize; read lazily.
+        `dcgen prepare task=pixel task.source=folder task.root=...` checks every file once and
+        writes an index; unreadable files are logged by name and skipped (`skipped`).
     source="npz": `root` is an `.npz` with `images` (N, H, W[, C]) and optional `labels`.
 
     `num_classes`: None infers it from the data; 0 trains unconditionally (labels become 0);
@@ -85,8 +89,17 @@ class PixelTask(Task):
 
     # ------------------------------------------------------------------ data
 
+    def prepare(self, seed: int = 0, **kwargs):
+        """Folder source: validate every file once and write the index training reads
+        (`root/.dcgen_index.json`); the other sources need no preparation."""
+        if self.source != "folder":
+            log.info("pixel: source %s needs no preparation", self.source)
+            return None
+        from .data import write_folder_index
+        return write_folder_index(self.root, self.classes)
+
     def train_dataset(self) -> Dataset:
-        """Built once and cached: for folders this is where every file is validated."""
+        """Built once and cached (a folder is listed, not decoded; see ImageFolderDataset)."""
         if self._dataset is None:
             if self.source == "folder":
                 ds = ImageFolderDataset(self.root, self.resolution, self.channels, self.hflip,
