@@ -1,18 +1,22 @@
 """`dcgen evaluate`: the FID protocol from the EMA weights on every process of the launch, the
 task's metrics, and what the samples cost (METHOD §7.3, §8).
 
+The samples are cut into chunks of `batch_size`: chunk c holds samples [c·B, (c+1)·B), is
+sampled as one batch from a generator seeded by (seed, c), with the labels the evaluation drew for
+those positions (uniform over the classes, or exactly N/num_classes each with
+`class_balanced=true`, from (seed) alone). So every sample is a function of its global index and
+the settings, never of the number of processes: process r takes chunks r, r + W, r + 2W, ...
+
 Reads top to bottom in phases:
-1. processes (Accelerate's PartialState: one CPU, one GPU, torchrun/accelerate launch), out_dir
-2. model, objective and task of the run
-3. this rank's share: samples [offset, offset + n_r) of num_samples, seed = seed * world + rank,
-   labels uniform over the classes (DiT's sample_ddp protocol); 250 DDPM steps by default, CFG,
-   Lite-CFG (tail_drop_uncond) and elastic tail dropping as configured
-4. decode and write. A task that declares `numbered_samples` (the image tasks) is fed
-   chunk by chunk, every rank writing its own numbered files; otherwise every rank's decoded
-   samples are gathered and written once by the main process
-5. costs, gathered: FLOPs per image in both conventions (§7.3; measured along the trajectory
-   from the kept-token counts of every model call), tokens kept, latency, peak memory
-6. main process: `task.evaluate(samples or None, out_dir, **cfg.evaluate)` and `metrics.json`
+1. processes (Accelerate's PartialState: one CPU, one GPU, torchrun/accelerate launch), device
+2. model, objective and task of the run; every setting checked before anything is written
+3. the plan: labels, chunks, and which chunks an earlier run of the same command finished
+4. this process's chunks: sample, check finite, decode, write the chunk's files (numbered PNGs
+   for the image tasks, `chunks/data_c.npy` for the others), then its marker
+   `chunks/chunk_c.json` (costs) last: a killed evaluation reruns with the identical command and
+   skips every chunk with a marker. Nothing is gathered between processes.
+5. the main process: reads the markers (and the non-image data) from disk, runs
+   `task.evaluate(samples or None, out_dir, **cfg.evaluate)` and writes `metrics.json`
 
 FLOP conventions written to metrics.json:
   gflops_per_forward   DiT: MACs per forward pass of one image (conditional branch), in G,
@@ -23,6 +27,7 @@ FLOP conventions written to metrics.json:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,20 +39,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("dcgen.evaluate")
-
-
-def rank_share(num_samples: int, world: int, rank: int) -> tuple[int, int]:
-    """(offset, count) of this rank's samples: contiguous blocks, the first num % world ranks
-    one larger, so the global numbering is independent of batch sizes."""
-    base, extra = divmod(int(num_samples), int(world))
-    count = base + (1 if rank < extra else 0)
-    offset = rank * base + min(rank, extra)
-    return offset, count
-
-
-def rank_seed(seed: int, world: int, rank: int) -> int:
-    """METHOD §8 / DiT sample_ddp: per-rank seed = seed * world + rank."""
-    return int(seed) * int(world) + int(rank)
 
 
 def cfg_branches(num_classes: int, cfg_scale: float) -> int:
@@ -119,19 +110,70 @@ def _peak_memory(device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "cpu_max_rss"
 
 
+PROTOCOL_KEYS = ("num_samples", "batch_size", "steps", "sampler", "cfg_scale", "cfg_channels",
+                 "tail_drop", "tail_drop_uncond", "seed", "class_balanced", "precision")
+
+
+def eval_labels(seed: int, num_samples: int, num_classes: int, balanced: bool) -> torch.Tensor | None:
+    """The labels of samples 0..N-1, a function of (seed, N) only: uniform over the classes, or
+    (balanced) exactly N / num_classes of each class in a seeded random order (the ADM / REPA
+    protocol). None for an unconditional model."""
+    from .task import item_generator
+    if num_classes == 0:
+        return None
+    g = item_generator(seed, "eval-labels", 0)
+    if not balanced:
+        return torch.randint(0, num_classes, (num_samples,), generator=g)
+    if num_samples % num_classes:
+        raise ValueError(f"class_balanced=true needs num_samples divisible by the {num_classes} classes, "
+                         f"got {num_samples}")
+    labels = torch.arange(num_classes).repeat_interleave(num_samples // num_classes)
+    return labels[torch.randperm(num_samples, generator=g)]
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The generator seed of chunk `chunk` (its initial noise and the sampler's per-step noise)."""
+    from .task import draw_seed
+    return draw_seed(seed, "eval-chunk", chunk)
+
+
+def _protocol(cfg, args: dict, ecfg: dict, run_dir) -> dict:
+    from .io import WEIGHTS_FILE, resolve_export_dir
+    w = resolve_export_dir(run_dir) / WEIGHTS_FILE
+    return {**{k: args.get(k, cfg.get(k)) for k in PROTOCOL_KEYS},
+            "export_step": ecfg.get("step"), "weights_bytes": w.stat().st_size}
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic: a marker either exists whole or not at all."""
+    import os
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _any_rank(state, flag: bool) -> bool:
+    """True when `flag` is True on any process (one small all-reduce; also a barrier)."""
+    if state.num_processes == 1:
+        return flag
+    from accelerate.utils import reduce
+    t = torch.tensor([1.0 if flag else 0.0], device=state.device)
+    return float(reduce(t, reduction="sum")[0]) > 0
+
+
 def evaluate_command(cfg: DictConfig) -> Path | None:
     """`dcgen evaluate run_dir=... [num_samples steps sampler cfg_scale tail_drop ...]`.
     Returns the output directory on the main process (None on the others)."""
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import broadcast_object_list
 
     from .models import DCDiT
-    from .sample import generate, load_run, sampling_args
+    from .sample import (NonFiniteSamplesError, check_memory, check_request, generate, load_run,
+                         pick_device, sampling_args)
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    # 1. processes, device, output directory ---------------------------------------------------
-    from .sample import NonFiniteSamplesError, check_memory, check_request, pick_device
+    # 1. processes, device -----------------------------------------------------------------------
     if str(cfg.device) != "auto":
         pick_device(cfg.device)  # a bad or absent device: one line, before any process state
     state = process_state(cfg.device)
@@ -140,96 +182,114 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     if device.type == "cuda" and cfg.get("tf32", True):  # FID sampling: fp32 + TF32 (D22)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if int(cfg.num_samples) < 1:
-        raise ValueError(f"num_samples must be positive, got {cfg.num_samples}")
-    out_dir = [str(cfg.out_dir or Path(cfg.run_dir) / "eval" / time.strftime("%Y%m%d-%H%M%S"))]
-    if world > 1:
-        broadcast_object_list(out_dir)  # every rank writes where rank 0 decided
-    out_dir = Path(out_dir[0])
-    # every rank sees the same directory, so every rank refuses alike (no rank left at a barrier)
-    if (out_dir / "images").is_dir() and any((out_dir / "images").iterdir()):
-        raise ValueError(f"out_dir={out_dir} already holds samples (images/); choose a new out_dir")
+    precision = str(cfg.get("precision") or "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision}: expected fp32 or bf16")
+    N, B = int(cfg.num_samples), int(cfg.batch_size)
 
-    # 2. model, objective, task; every setting checked before anything is written --------------------
+    # 2. model, objective, task; every setting checked before anything is written ----------------
     model, objective, task, ecfg = load_run(cfg.run_dir, device)
     from .pipeline import with_diffusers_samplers
     objective = with_diffusers_samplers(objective)  # sampler=dpm++ | unipc through diffusers
     args = sampling_args(cfg, ecfg)
-    check_request(objective, task, num_samples=int(cfg.num_samples), steps=args["steps"],
-                  sampler=args["sampler"], seed=rank_seed(cfg.seed, world, world - 1))
+    check_request(objective, task, num_samples=N, steps=args["steps"], sampler=args["sampler"],
+                  seed=chunk_seed(cfg.seed, 0))
+    numbered = bool(getattr(task, "numbered_samples", False))  # declared by the Task contract
+    check_memory(min(B, N), task, "batch_size")
+    if not numbered:  # the main process reads every sample back for the task's metrics
+        check_memory(N, task)
+    elif N > 2 ** 31:  # the label list (8 bytes a sample) and the file numbering
+        raise ValueError(f"num_samples={N}: expected at most 2**31")
     is_dc = isinstance(model, DCDiT)
     branches = cfg_branches(task.num_classes, cfg.cfg_scale)
+    labels = eval_labels(cfg.seed, N, task.num_classes, bool(cfg.get("class_balanced", False)))
+    protocol = _protocol(cfg, {**args, "num_samples": N, "batch_size": B, "precision": precision,
+                               "class_balanced": bool(cfg.get("class_balanced", False))}, ecfg, cfg.run_dir)
 
-    # 3. this rank's samples ----------------------------------------------------------------------
-    offset, n = rank_share(cfg.num_samples, world, rank)
-    check_memory(n, task, "num_samples" if world == 1 else f"num_samples/{world} processes")
-    seed = rank_seed(cfg.seed, world, rank)
+    # 3. the plan, and what an earlier run of this command finished -------------------------------
+    out_dir = [str(cfg.out_dir or Path(cfg.run_dir) / "eval" / time.strftime("%Y%m%d-%H%M%S"))]
+    if world > 1:
+        broadcast_object_list(out_dir)  # every rank writes where rank 0 decided
+    out_dir = Path(out_dir[0])
+    chunks_dir = out_dir / "chunks"
+    n_chunks = -(-N // B)
+    done = set()
+    if chunks_dir.is_dir():
+        for f in chunks_dir.glob("chunk_*.json"):
+            try:
+                marker = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if marker.get("protocol") != protocol:
+                raise ValueError(f"out_dir={out_dir} holds an evaluation with other settings "
+                                 f"({f.name}); rerun its command to finish it, or choose a new out_dir")
+            done.add(int(marker["chunk"]))
+    elif (out_dir / "images").is_dir() and any((out_dir / "images").iterdir()):
+        raise ValueError(f"out_dir={out_dir} already holds samples (images/) of another evaluation; "
+                         "choose a new out_dir")
+    mine = [c for c in range(rank, n_chunks, world) if c not in done]
+    if is_main and done:
+        log.info("resuming %s: %d of %d chunks already done", out_dir, len(done), n_chunks)
+
+    # 4. this process's chunks -------------------------------------------------------------------
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    flop_fn = dc_step_recorder(model, branches) if is_dc else None
     failure = None
-    try:
-        if n:
-            result = generate(model, objective, task, **sampling_args(cfg, ecfg, num_samples=n),
-                              seed=seed, device=device, record=True, map_samples=0, progress=is_main,
-                              flop_fn=dc_step_recorder(model, branches) if is_dc else None)
+    for i, c in enumerate(mine):
+        lo, hi = c * B, min(N, (c + 1) * B)
+        lab = labels[lo:hi] if labels is not None else None
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        try:
+            with ctx:
+                result = generate(model, objective, task, **{**args, "num_samples": hi - lo, "batch_size": hi - lo},
+                                  labels=lab, seed=chunk_seed(cfg.seed, c), device=device, record=True,
+                                  map_samples=0, progress=False, flop_fn=flop_fn)
+        except NonFiniteSamplesError as e:
+            failure = f"chunk {c}: {e}"
+            break
+        t0 = time.time()
+        data = torch.cat([task.decode(part.to(device)).cpu()
+                          for part in result["samples"].split(int(cfg.get("decode_batch_size") or B))])
+        chunks_dir.mkdir(parents=True, exist_ok=True)
+        if numbered:
+            task.write_samples(data, out_dir, labels=lab, start_index=lo)
         else:
-            result = {"samples": torch.zeros(0, task.channels, *task.grid), "labels": None,
-                      "seconds": 0.0, "ts": []}
-    except NonFiniteSamplesError as e:
-        failure = str(e)
-    if world > 1:  # every rank stops alike, before anything is written
-        failure = next((f for f in gather_object([failure]) if f), None)
-    if failure:
-        raise NonFiniteSamplesError(failure)
-    labels = result["labels"]
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out_dir / "evaluate_config.yaml")
+            np.save(chunks_dir / f"data_{c:06d}.npy", data.numpy())
+        costs = cost_summary(model, result, branches)
+        peak, peak_kind = _peak_memory(device)
+        _write_json(chunks_dir / f"chunk_{c:06d}.json", {
+            "chunk": c, "protocol": protocol, "lo": lo, "hi": hi, "rank": rank,
+            "seconds": float(result["seconds"]), "decode_seconds": time.time() - t0, "peak": peak,
+            "peak_kind": peak_kind, "per_image": costs["per_image"], "kept_by_step": costs["kept_by_step"],
+            "ts": list(result.get("ts") or [])})
+        if is_main:
+            log.info("chunk %d (%d of this process's %d) written", c, i + 1, len(mine))
+        _fault_after_chunk(c)
+    if _any_rank(state, failure is not None):  # every rank stops alike
+        raise NonFiniteSamplesError(failure or "sampling produced non-finite values on another process; "
+                                    "the chunks before it are kept")
     state.wait_for_everyone()
-
-    # 4. decode and write ---------------------------------------------------------------------------
-    t0 = time.time()
-    streamed = bool(getattr(task, "numbered_samples", False))  # declared by the Task contract
-    kept_data = []
-    chunk = int(cfg.get("decode_batch_size") or cfg.batch_size)
-    for i in range(0, n, chunk):
-        data = task.decode(result["samples"][i:i + chunk].to(device)).cpu()
-        lab = labels[i:i + chunk] if labels is not None else None
-        if streamed:
-            task.write_samples(data, out_dir, labels=lab, start_index=offset + i)
-        else:
-            kept_data.append(data)
-    decode_seconds = time.time() - t0
-    peak, peak_kind = _peak_memory(device)
-
-    # 5. costs and labels to the main process ------------------------------------------------------
-    costs = cost_summary(model, result, branches)
-    mine = {"rank": rank, "offset": offset, "n": n, "seconds": float(result["seconds"]),
-            "decode_seconds": decode_seconds, "peak": peak, "per_image": costs["per_image"],
-            "kept_by_step": costs["kept_by_step"], "ts": list(result.get("ts") or []),
-            "labels": labels.numpy() if labels is not None else None,
-            "data": torch.cat(kept_data) if kept_data else None}
-    parts = gather_object([mine]) if world > 1 else [mine]
     if not is_main:
         return None
-    parts.sort(key=lambda p: p["rank"])
 
-    # 6. metrics on the main process ----------------------------------------------------------------
-    eval_kwargs = OmegaConf.to_container(cfg.get("evaluate") or {}, resolve=True)
-    if labels is not None or any(p["labels"] is not None for p in parts):
-        np.save(out_dir / "labels.npy", np.concatenate([p["labels"] for p in parts if p["n"]]))
-    if streamed:
+    # 5. metrics on the main process, from disk ----------------------------------------------------
+    markers = [json.loads((chunks_dir / f"chunk_{c:06d}.json").read_text()) for c in range(n_chunks)]
+    OmegaConf.save(cfg, out_dir / "evaluate_config.yaml")
+    if labels is not None:
+        np.save(out_dir / "labels.npy", labels.numpy())
+    if numbered:
         samples = None
     else:
-        samples = torch.cat([p["data"] for p in parts if p["data"] is not None])
-        task.write_samples(samples, out_dir, labels=torch.from_numpy(np.load(out_dir / "labels.npy"))
-                           if (out_dir / "labels.npy").exists() else None)
+        samples = torch.from_numpy(np.concatenate([np.load(chunks_dir / f"data_{c:06d}.npy")
+                                                   for c in range(n_chunks)]))
+        task.write_samples(samples, out_dir, labels=labels)
+    eval_kwargs = OmegaConf.to_container(cfg.get("evaluate") or {}, resolve=True)
     metrics = dict(task.evaluate(samples, out_dir, device=device, **eval_kwargs) or {})
 
-    N = sum(p["n"] for p in parts)
-    per_image = np.concatenate([p["per_image"] for p in parts if p["n"]])  # (N, 5)
+    per_image = np.concatenate([np.asarray(m["per_image"], dtype=np.float64).reshape(-1, 5) for m in markers])
     L = int(math.prod(getattr(model, "grid", task.grid)))
-    K = max(len(p["ts"]) for p in parts)
+    K = max(len(m["ts"]) for m in markers)
     metrics.update({
         "num_samples": N,
         "gflops_per_forward": float(per_image[:, _MACS_COND].mean() / max(K, 1) / 1e9),
@@ -238,31 +298,41 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
         "tokens_kept_mean": float(per_image[:, _KEPT_COND].mean()),
         "tokens_grid": L,
         "kept_fraction_mean": float(per_image[:, _KEPT_COND].mean() / L),
-        "latency_per_image_s": float(np.mean([p["seconds"] / p["n"] for p in parts if p["n"]])),
-        "images_per_s": float(N / max(max(p["seconds"] for p in parts), 1e-9)),
-        "decode_seconds": float(max(p["decode_seconds"] for p in parts)),
-        "peak_memory_bytes": int(max(p["peak"] for p in parts)),
-        "peak_memory_kind": peak_kind,
+        "latency_per_image_s": float(sum(m["seconds"] for m in markers) / N),
+        "images_per_s": float(N / max(sum(m["seconds"] for m in markers) / world, 1e-9)),
+        "decode_seconds": float(sum(m["decode_seconds"] for m in markers)),
+        "peak_memory_bytes": int(max(m["peak"] for m in markers)),
+        "peak_memory_kind": markers[0]["peak_kind"],
         "processes": world,
     })
     if branches == 2:
         metrics["tokens_kept_mean_uncond"] = float(per_image[:, _KEPT_UNCOND].mean())
-    kept_steps = [p["kept_by_step"] for p in parts if p["n"] and p["kept_by_step"] is not None]
+    kept_steps = [np.asarray(m["kept_by_step"]) for m in markers if m["kept_by_step"] is not None]
     if kept_steps and K:
-        metrics["per_step"] = {"t": parts[0]["ts"] or next(p["ts"] for p in parts if p["ts"]),
+        metrics["per_step"] = {"t": next(m["ts"] for m in markers if m["ts"]),
                                "tokens_kept_mean": (np.sum(kept_steps, 0) / N).tolist()}
-    protocol = sampling_args(cfg, ecfg)
+    if labels is not None:
+        counts = np.bincount(labels.numpy(), minlength=task.num_classes)
+        metrics["labels"] = {"class_balanced": protocol["class_balanced"],
+                             "per_class_min": int(counts.min()), "per_class_max": int(counts.max())}
     metrics["protocol"] = {
-        **{k: protocol[k] for k in ("steps", "sampler", "cfg_scale", "cfg_channels", "tail_drop",
-                                    "tail_drop_uncond")},
-        "seed": cfg.seed, "rank_seeds": [rank_seed(cfg.seed, world, r) for r in range(world)],
-        "cfg_branches": branches, "model": type(model).__name__, "run_dir": str(cfg.run_dir),
+        **{k: protocol[k] for k in PROTOCOL_KEYS}, "chunks": n_chunks,
+        "chunk_seeds": "dcgen.evaluate.chunk_seed(seed, chunk)", "cfg_branches": branches,
+        "model": type(model).__name__, "run_dir": str(cfg.run_dir), "export_step": protocol["export_step"],
         "flop_conventions": {"gflops_per_forward": "DiT: MACs per forward of one image (G)",
                              "tflops_per_image": "DC-DiT: sum over steps of 2*MACs, all branches (T)"}}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     log.info("metrics: %s", {k: v for k, v in metrics.items() if k not in ("protocol", "per_step")})
     print(out_dir)
     return out_dir
+
+
+def _fault_after_chunk(chunk: int):
+    """Test hook: DCGEN_FAULT_KILL_AFTER_CHUNK=<c> SIGKILLs the process right after chunk c's marker."""
+    import os
+    if os.environ.get("DCGEN_FAULT_KILL_AFTER_CHUNK") == str(chunk):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _json_default(o):

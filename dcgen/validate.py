@@ -166,7 +166,8 @@ SAMPLE = {
     "map_timesteps": int_(1),
 }
 
-EVALUATE = {**_SAMPLING, "decode_batch_size": optional(int_(1)), "tf32": boolean()}
+EVALUATE = {**_SAMPLING, "decode_batch_size": optional(int_(1)), "tf32": boolean(),
+            "class_balanced": boolean(), "precision": choice("fp32", "bf16")}
 
 PREPARE = {"seed": int_(0, MAX_SEED)}
 

@@ -209,7 +209,7 @@ def test_train_sample_evaluate_end_to_end(prepared, tmp_path):
     for key in ("fid", "is", "kid", "precision", "recall"):
         assert m[key] is not None and np.isfinite(m[key]), key
     assert m["num_samples"] == m["num_generated"] == 3 and m["num_reference"] == 4  # broken file skipped
-    assert m["processes"] == 2 and m["protocol"]["rank_seeds"] == [6, 7] and m["protocol"]["steps"] == 2
+    assert m["processes"] == 2 and m["protocol"]["chunks"] == 2 and m["protocol"]["steps"] == 2
     assert m["tflops_per_image"] > 0 and m["gflops_per_forward"] > 0
     assert m["tflops_per_image_reference_counter"] < m["tflops_per_image"]  # residual_proj omitted (Q7)
     assert 1 <= m["tokens_kept_mean"] <= 64 and m["tokens_grid"] == 64
@@ -224,10 +224,13 @@ def test_train_sample_evaluate_end_to_end(prepared, tmp_path):
     assert all(np.array_equal(arr[i], pngs[i]) for i in range(3))
     labels = np.load(ev / "labels.npy")
     assert labels.shape == (3,) and labels.max() < 3
-    # rank 1 (offset 2) sampled with seed 3 * 2 + 1: the same image from one process
+    # chunk 1 (sample 2, written by rank 1) is a batch seeded by (seed, chunk) with the labels the
+    # evaluation drew from the seed alone: the same image from one process
+    from dcgen.evaluate import chunk_seed, eval_labels
+    assert labels.tolist() == eval_labels(3, 3, 3, False).tolist()
     model, objective, task, _ = load_run(rd, "cpu")
-    r1 = generate(model, objective, task, num_samples=1, steps=2, seed=7, record=False)
-    assert int(r1["labels"][0]) == int(labels[2])
+    r1 = generate(model, objective, task, num_samples=1, steps=2, seed=chunk_seed(3, 1), record=False,
+                  labels=[int(labels[2])])
     img = np.clip(127.5 * task.decode(r1["samples"])[0].numpy() + 128, 0, 255).astype(np.uint8)
     assert np.abs(img.transpose(1, 2, 0).astype(int) - pngs[2].astype(int)).max() <= 1
 

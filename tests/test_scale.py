@@ -350,3 +350,129 @@ def test_pixel_folder_of_20000_files_starts_without_decoding(tmp_path, monkeypat
     assert opened["n"] == 0
     x, y = ds[12_345]
     assert opened["n"] == 1 and int(y) == 2 and x.shape == (3, 4, 4)
+
+
+# ---- evaluation that survives and streams --------------------------------------------------------
+
+from test_imagenet_latent import prepared, ws  # noqa: E402,F401  (module fixtures: images, tiny VAE, cache)
+
+
+def _torchrun(args, nproc, env=None, check=True, script=None):
+    import os
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    e.pop("DCGEN_DEBUG", None)
+    target = [str(script)] if script else ["-m", "dcgen"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        f"--master_port={port}", *target, *args], capture_output=True, text=True, env=e,
+                       timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def latent_run(prepared, tmp_path_factory):
+    from dcgen.cli import compose
+    from dcgen.train import train
+    rd = tmp_path_factory.mktemp("evalrun") / "run"
+    train(compose("train", [*prepared["task"], "model=dcdit_debug", "train.max_steps=2",
+                            "train.global_batch_size=4", "train.sample_every=0", "train.ckpt_every=0",
+                            "dc.ratio_group_size=4", f"run_dir={rd}"]))
+    return rd
+
+
+@pytest.mark.slow
+def test_evaluation_resumes_and_is_the_same_for_any_process_count(latent_run, tmp_path):
+    """7 samples in chunks of 2: an uninterrupted 1-process evaluation; a 2-process one killed
+    after a chunk and rerun with the identical command; a 3-process one. All write the same
+    ADM .npz, byte for byte."""
+    args = [f"run_dir={latent_run}", "num_samples=7", "batch_size=2", "steps=2", "seed=5",
+            "evaluate.metrics=[]", "evaluate.num_workers=0"]
+    ref = tmp_path / "ref"
+    _torchrun(["evaluate", *args, f"out_dir={ref}"], 1)
+    npz = ref / "samples_7x64x64x3.npz"
+    want = npz.read_bytes()
+
+    two = tmp_path / "two"
+    p = _torchrun(["evaluate", *args, f"out_dir={two}"], 2, env={"DCGEN_FAULT_KILL_AFTER_CHUNK": "0"}, check=False)
+    assert p.returncode != 0
+    done = sorted(f.name for f in (two / "chunks").glob("chunk_*.json"))
+    # rank 0 died after its first chunk: chunk 2 (its next) was never written
+    assert "chunk_000000.json" in done and "chunk_000002.json" not in done
+    assert not (two / "metrics.json").exists()
+    stamps = {f: f.stat().st_mtime_ns for f in (two / "chunks").glob("chunk_*.json")}
+    p = _torchrun(["evaluate", *args, f"out_dir={two}"], 2)
+    assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())  # finished chunks not redone
+    assert "already done" in p.stderr
+    assert (two / npz.name).read_bytes() == want
+
+    three = tmp_path / "three"
+    _torchrun(["evaluate", *args, f"out_dir={three}"], 3)
+    assert (three / npz.name).read_bytes() == want
+    m = json.loads((three / "metrics.json").read_text())
+    assert m["processes"] == 3 and m["num_samples"] == 7 and m["protocol"]["chunks"] == 4
+
+    # another setting into a started out_dir is refused, nothing touched
+    from dcgen.cli import main
+    assert main(["evaluate", *args[:-3], "steps=3", "evaluate.metrics=[]", f"out_dir={two}"]) == 2
+
+
+def test_class_balanced_labels_are_exact_and_recorded(tmp_path):
+    from dcgen.cli import main
+    from dcgen.evaluate import eval_labels
+    from test_train import TOY, run_cli
+    lab = eval_labels(3, 40, 4, True)
+    assert np.bincount(lab.numpy()).tolist() == [10, 10, 10, 10]
+    assert not torch_equal_sorted(lab)  # shuffled, not in class order
+    rd = tmp_path / "run"
+    run_cli(["train", *TOY, "train.max_steps=1", f"run_dir={rd}"])
+    out = tmp_path / "ev"
+    assert main(["evaluate", f"run_dir={rd}", "num_samples=8", "batch_size=3", "steps=2", "class_balanced=true",
+                 f"out_dir={out}"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["labels"] == {"class_balanced": True, "per_class_min": 2, "per_class_max": 2}
+    assert np.bincount(np.load(out / "labels.npy")).tolist() == [2, 2, 2, 2]
+    assert main(["evaluate", f"run_dir={rd}", "num_samples=7", "class_balanced=true", "steps=2",
+                 f"out_dir={tmp_path / 'ev7'}"]) == 2
+    assert not (tmp_path / "ev7").exists()
+
+
+def torch_equal_sorted(t):
+    import torch
+    return torch.equal(t, t.sort().values)
+
+
+SPY = """
+import sys
+import accelerate.utils
+def refuse(*a, **k):
+    raise AssertionError("gather_object called")
+accelerate.utils.gather_object = refuse
+import accelerate.utils.operations as ops
+ops.gather_object = refuse
+from dcgen.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_non_image_evaluation_gathers_nothing(tmp_path):
+    """A task without numbered samples (toy here; voxel and video take the same path) evaluated by
+    2 processes: each writes its chunks' data to disk, the main process reads them; a spy makes
+    any gather_object fail."""
+    from test_train import TOY, run_cli
+    rd = tmp_path / "run"
+    run_cli(["train", *TOY, "train.max_steps=1", f"run_dir={rd}"])
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    out = tmp_path / "ev"
+    _torchrun(["evaluate", f"run_dir={rd}", "num_samples=5", "batch_size=2", "steps=2", f"out_dir={out}"], 2,
+              script=spy)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_samples"] == 5 and m["processes"] == 2
+    assert np.load(out / "samples.npy").shape[0] == 5
+    assert sorted(f.name for f in (out / "chunks").glob("data_*.npy")) == [f"data_{c:06d}.npy" for c in range(3)]
