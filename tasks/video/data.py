@@ -341,33 +341,39 @@ class LatentClipDataset(Dataset):
     times `scale` (or the scaled mean with `sample_posterior=False`), y int64.
 
     Shards are memory-mapped lazily (one handle per shard per process, opened on first use, so
-    the dataset pickles into DataLoader workers). The posterior noise comes from torch's global
-    RNG (one draw per item, mixed with the index so ranks sharing a seed still differ): it follows
-    the training loop's seeding and is restored with its RNG state on resume."""
+    the dataset pickles into DataLoader workers). The clip index is two numpy arrays (shard,
+    row), not a list of Python tuples: a Kinetics-size cache costs a few MB per worker. The
+    posterior noise of item i in epoch e comes from its own generator seeded by (seed, i, e)
+    (the sampler passes (index, epoch) keys): the same in every worker and process, and after a
+    resume, whatever the number of DataLoader workers."""
+
+    wants_epoch = True
 
     def __init__(self, cache: str | Path, scale: float, unconditional: bool = False,
-                 sample_posterior: bool = True):
+                 sample_posterior: bool = True, seed: int = 0):
         from safetensors import safe_open
         self.cache = Path(cache)
         index = json.loads((self.cache / INDEX_FILE).read_text())
         self.scale, self.sample_posterior = float(scale), bool(sample_posterior)
-        self.unconditional = unconditional
+        self.unconditional, self.seed = unconditional, int(seed)
         self.shards = [self.cache / s["file"] for s in index["shards"]]
-        rows, labels = [], []
+        shard_of, row_of, labels = [], [], []
         for k, p in enumerate(self.shards):
             if not p.is_file():
                 raise FileNotFoundError(f"video cache {self.cache}: shard {p.name} listed in "
                                         f"{INDEX_FILE} is missing (run `dcgen prepare` again)")
             with safe_open(str(p), framework="pt") as f:
                 lab = f.get_tensor("label")
-            rows += [(k, r) for r in range(lab.shape[0])]
+            shard_of.append(np.full(lab.shape[0], k, dtype=np.int32))
+            row_of.append(np.arange(lab.shape[0], dtype=np.int64))
             labels.append(lab)
-        self.rows = rows
+        self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
+        self.row_of = np.concatenate(row_of) if row_of else np.zeros(0, np.int64)
         self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return int(self.shard_of.shape[0])
 
     def _handle(self, k: int):
         if k not in self._handles:
@@ -381,15 +387,16 @@ class LatentClipDataset(Dataset):
         return d
 
     def moments(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, r = self.rows[i]
-        f = self._handle(k)
+        f = self._handle(int(self.shard_of[i]))
+        r = int(self.row_of[i])
         return f.get_slice("mean")[r].float(), f.get_slice("logvar")[r].float()
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        from dcgen.task import item_generator, item_key
+        i, epoch = item_key(key)
         mean, logvar = self.moments(i)
         if self.sample_posterior:
-            seed = int(torch.randint(0, 2**62, (1,))) ^ (int(i) * 0x9E3779B97F4A7C15 % 2**62)
-            g = torch.Generator().manual_seed(seed)
+            g = item_generator(self.seed, "train", i, epoch)
             x = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         else:
             x = mean

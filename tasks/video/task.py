@@ -64,7 +64,7 @@ class VideoTask(Task):
                  micro_batch: int = 32, shard_clips: int = 512, sample_posterior: bool = True,
                  fps: float = 8.0, max_preview: int = 8, max_videos: int | None = None,
                  inception_weights: str | None = None, i3d: str | None = None,
-                 eval_reference_clips: int | None = None, eval_seed: int = 0):
+                 eval_reference_clips: int | None = None, eval_seed: int = 0, seed: int = 0):
         for key, val in (("frames", frames), ("stride", stride), ("resolution", resolution),
                          ("encode_clips", encode_clips), ("micro_batch", micro_batch),
                          ("shard_clips", shard_clips)):
@@ -93,6 +93,7 @@ class VideoTask(Task):
         self.max_videos = int(max_videos) if max_videos is not None else None
         self.inception_weights, self.i3d = inception_weights, i3d
         self.eval_reference_clips, self.eval_seed = eval_reference_clips, int(eval_seed)
+        self.seed = int(seed)  # the posterior draws are a function of (seed, clip, epoch)
         self._codec: VideoCodec | None = None
         self._dataset: Dataset | None = None
 
@@ -204,7 +205,7 @@ class VideoTask(Task):
                     f"video: the latent cache {cache} {state}; run `dcgen prepare task=video "
                     f"task.root={self.root} ...` with the same task settings first")
             ds = LatentClipDataset(cache, self.scale, unconditional=self.num_classes == 0,
-                                   sample_posterior=self.sample_posterior)
+                                   sample_posterior=self.sample_posterior, seed=self.seed)
             if len(ds) and tuple(ds.moments(0)[0].shape) != (self.channels, *self.grid):
                 raise ValueError(f"video cache {cache}: clips are {tuple(ds.moments(0)[0].shape)}"
                                  f", the task expects {(self.channels, *self.grid)}")
