@@ -40,21 +40,23 @@ _PINNED = ("resolution", "vae", "latent_channels", "latent_size", "seed", "shard
 
 
 class _Images(Dataset):
-    """Items of one shard, decoded and centre-cropped in DataLoader workers. A corrupt file is
-    returned as its error message instead of raising, so one bad file never stops the run."""
+    """Items at the given global indices, decoded and centre-cropped in DataLoader workers. A
+    corrupt file is returned as its error message instead of raising, so one bad file never
+    stops the run."""
 
-    def __init__(self, items, start, resolution):
-        self.items, self.start, self.resolution = items, start, resolution
+    def __init__(self, items, indices, resolution):
+        self.items, self.indices, self.resolution = items, indices, resolution
 
     def __len__(self):
-        return len(self.items)
+        return len(self.indices)
 
     def __getitem__(self, k):
-        path, label = self.items[k]
+        index = self.indices[k]
+        path, label = self.items[index]
         try:
-            return self.start + k, label, path, load_image(path, self.resolution), None
+            return index, label, path, load_image(path, self.resolution), None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
-            return self.start + k, label, path, None, f"{type(e).__name__}: {e}"
+            return index, label, path, None, f"{type(e).__name__}: {e}"
 
 
 def _collate(batch):
@@ -161,57 +163,84 @@ class _ShardWriter:
 
 
 @torch.no_grad()
-def _encode_shard(codec, cache_dir: Path, s: int, items, start: int, resolution: int, seed: int,
-                  batch_size: int, num_workers: int, cache_dtype, rank: int, progress) -> dict:
-    t0 = time.time()
+def _encode_shards(codec, cache_dir: Path, shards: list[int], items, S: int, resolution: int, seed: int,
+                   batch_size: int, num_workers: int, cache_dtype, rank: int, progress, log_done) -> None:
+    """Encode `shards` (this rank's unfinished ones) through ONE DataLoader over all their items,
+    in order, so the decoding workers start once (not once per shard); each shard is written
+    into its temporary folder and renamed into the cache as soon as its last item is in."""
+    if not shards:
+        return
     C, ds = codec.latent_channels, codec.downsample
     h = w = resolution // ds
-    writer = _ShardWriter(cache_dir, s, len(items), C, h, w, cache_dtype)
-    skipped = []
+    bounds = {s: (s * S, min(len(items), (s + 1) * S)) for s in shards}
+    indices = [i for s in shards for i in range(*bounds[s])]
+    loader = DataLoader(_Images(items, indices, resolution), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate)
+    state = {"s": None, "writer": None, "skipped": [], "t0": time.time()}
+
+    def open_shard(s):
+        state.update(s=s, writer=_ShardWriter(cache_dir, s, bounds[s][1] - bounds[s][0], C, h, w, cache_dtype),
+                     skipped=[], t0=time.time())
+
+    def close_shard():
+        s, writer = state["s"], state["writer"]
+        writer.finish({"shard": s, "start": bounds[s][0], "stop": bounds[s][1], "rank": rank,
+                       "skipped": state["skipped"], "seconds": round(time.time() - state["t0"], 3)})
+        log_done(s, writer.n, len(state["skipped"]))
+        state.update(s=None, writer=None)
+
     try:
-        loader = DataLoader(_Images(items, start, resolution), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=_collate)
         for batch in loader:
             good = []
             for index, label, path, image, error in batch:
                 if error is not None:
                     log.warning("skipping corrupt image %s (%s)", path, error)
-                    skipped.append({"file": str(path), "index": int(index), "reason": error})
-                else:
-                    good.append((index, label, image))
+                good.append((index, label, path, image, error))
             if progress is not None:
                 progress.update(len(batch))
-            if not good:
-                continue
-            x = to_model_input(np.stack([g[2] for g in good]))  # (b, 3, H, W)
-            b = x.shape[0]
-            mean, logvar = codec.encode_moments(torch.cat([x, x.flip(-1)]))  # (2b, C, h, w) fp32
-            mean = mean.view(2, b, C, h, w).transpose(0, 1)  # (b, 2, C, h, w)
-            logvar = logvar.view(2, b, C, h, w).transpose(0, 1)
-            # [R]'s baked latent: one flip, one posterior sample per image, from (seed, item)
-            flips, latents = [], []
-            for j, (index, _, _) in enumerate(good):
-                g = item_generator(seed, "extract", index)
-                f = int(torch.randint(2, (), generator=g))
-                eps = torch.randn((C, h, w), generator=g)
-                latents.append(mean[j, f] + torch.exp(0.5 * logvar[j, f]) * eps)
-                flips.append(f)
-            writer.add(mean=mean.numpy().astype(cache_dtype), logvar=logvar.numpy().astype(cache_dtype),
-                       latent=torch.stack(latents).numpy().astype(cache_dtype),
-                       flip=np.array(flips, np.uint8), label=np.array([g[1] for g in good], np.int64),
-                       index=np.array([g[0] for g in good], np.int64))
-        writer.finish({"shard": s, "start": start, "stop": start + len(items), "rank": rank,
-                       "skipped": skipped, "seconds": round(time.time() - t0, 3)})
+            ok = [g for g in good if g[4] is None]
+            if ok:
+                x = to_model_input(np.stack([g[3] for g in ok]))  # (b, 3, H, W)
+                b = x.shape[0]
+                mean, logvar = codec.encode_moments(torch.cat([x, x.flip(-1)]))  # (2b, C, h, w) fp32
+                mean = mean.view(2, b, C, h, w).transpose(0, 1)  # (b, 2, C, h, w)
+                logvar = logvar.view(2, b, C, h, w).transpose(0, 1)
+            row = {g[0]: j for j, g in enumerate(ok)}
+            # items in order; a batch may end one shard and start the next
+            for index, label, path, _, error in good:
+                s = index // S
+                if state["s"] != s:
+                    if state["s"] is not None:
+                        close_shard()
+                    open_shard(s)
+                if error is not None:
+                    state["skipped"].append({"file": str(path), "index": int(index), "reason": error})
+                else:
+                    j = row[index]
+                    # [R]'s baked latent: one flip, one posterior sample per image, from (seed, item)
+                    g = item_generator(seed, "extract", index)
+                    f = int(torch.randint(2, (), generator=g))
+                    eps = torch.randn((C, h, w), generator=g)
+                    latent = mean[j, f] + torch.exp(0.5 * logvar[j, f]) * eps
+                    state["writer"].add(mean=mean[j:j + 1].numpy().astype(cache_dtype),
+                                        logvar=logvar[j:j + 1].numpy().astype(cache_dtype),
+                                        latent=latent[None].numpy().astype(cache_dtype),
+                                        flip=np.array([f], np.uint8), label=np.array([label], np.int64),
+                                        index=np.array([index], np.int64))
+                if index == bounds[s][1] - 1:
+                    close_shard()
+        if state["s"] is not None:  # every item of the last shard was seen: a loop end is its end
+            close_shard()
     except BaseException:
-        writer.abort()
+        if state["writer"] is not None:
+            state["writer"].abort()
         raise
-    return {"shard": s, "count": writer.n, "skipped": len(skipped)}
 
 
 def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 256,
                   vae="stabilityai/sd-vae-ft-ema", num_classes: int | None = None, seed: int = 0,
                   batch_size: int = 32, shard_size: int = 5000, num_workers: int = 4,
-                  vae_dtype: str = "float32", cache_dtype: str = "float32",
+                  vae_dtype: str = "auto", cache_dtype: str = "float32",
                   expect_latent_channels: int | None = None, progress: bool = True) -> dict | None:
     """Encode the images into `cache_dir` on every process of the current launch. Returns the
     summary on the main process (None elsewhere)."""
@@ -225,8 +254,8 @@ def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 2
     cache_dir = Path(cache_dir).expanduser()
     if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"task.encode.cache_dtype must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}")
-    if vae_dtype not in VAE_DTYPES:
-        raise ValueError(f"task.encode.vae_dtype must be one of {list(VAE_DTYPES)}, got {vae_dtype!r}")
+    if vae_dtype not in VAE_DTYPES and vae_dtype != "auto":
+        raise ValueError(f"task.encode.vae_dtype must be auto or one of {list(VAE_DTYPES)}, got {vae_dtype!r}")
     if int(shard_size) < 1 or int(batch_size) < 1:
         raise ValueError("task.encode.shard_size and task.encode.batch_size must be positive")
     if image_dir is None and file_list is None:
@@ -239,6 +268,8 @@ def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 2
         raise FileNotFoundError(f"task.source.file_list={file_list}: no such file")
 
     # 1. VAE on every rank (a missing VAE fails everywhere, before any barrier)
+    if vae_dtype == "auto":  # the encoder is the cost of prepare: bf16 on GPUs, fp32 on the CPU
+        vae_dtype = "bfloat16" if state.device.type == "cuda" else "float32"
     codec = _agree(state, lambda: VAECodec(vae, device=state.device, dtype=VAE_DTYPES[vae_dtype],
                                            micro_batch=2 * int(batch_size)))
     if resolution % codec.downsample:
@@ -287,12 +318,10 @@ def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 2
         bar = tqdm(total=n_todo, desc=f"encode [rank {rank}]", unit="img", position=rank if world > 1 else None,
                    dynamic_ncols=True)
     try:
-        for s in todo:
-            done = _encode_shard(codec, cache_dir, s, items[s * S:(s + 1) * S], s * S, int(resolution),
-                                 int(seed), int(batch_size), int(num_workers), CACHE_DTYPES[cache_dtype],
-                                 rank, bar)
-            log.info("rank %d: %s done: %d images, %d skipped", rank, shard_name(s), done["count"],
-                     done["skipped"])
+        _encode_shards(codec, cache_dir, todo, items, S, int(resolution), int(seed), int(batch_size),
+                       int(num_workers), CACHE_DTYPES[cache_dtype], rank, bar,
+                       lambda s, n, k: log.info("rank %d: %s done: %d images, %d skipped", rank,
+                                                shard_name(s), n, k))
     finally:
         if bar is not None:
             bar.close()
