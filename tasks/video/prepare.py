@@ -30,6 +30,28 @@ from .data import (INDEX_FILE, META_FILE, VideoReadError, clips_to_model, read_c
 log = logging.getLogger("dcgen.data")
 
 
+class _Decoded(torch.utils.data.Dataset):
+    """Video k of this process's share, read, cut into clips and resized (in a DataLoader worker):
+    (path, label, clip starts, uint8 clips, None), or (path, label, [], None, the error) for an
+    unreadable file."""
+
+    def __init__(self, videos, task):
+        # the clip geometry only: the task holds the VAE, which the workers must not copy
+        self.videos = videos
+        self.geometry = (task.frames, task.stride, task.resolution, task.clip_hop, task.max_clips_per_video)
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, k):
+        path, label = self.videos[k]
+        try:
+            starts, clips = read_clips(path, None, *self.geometry)
+        except VideoReadError as e:
+            return path, label, [], None, str(e)
+        return path, label, starts, clips, None
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -101,14 +123,14 @@ def prepare_cache(task, seed: int = 0) -> dict:
     codec = task.codec(device=state.device) if mine else None
     dtype = getattr(torch, task.cache_dtype)
     buf, skipped, too_short, n_clips, n_videos, written = _new_buffer(), [], [], 0, 0, []
-    bar = tqdm(mine, desc=f"encode videos (rank {rank})", unit="video", disable=not is_main,
-               dynamic_ncols=True)
-    for path, label in bar:
-        try:
-            starts, clips = read_clips(path, None, task.frames, task.stride, task.resolution,
-                                       task.clip_hop, task.max_clips_per_video)
-        except VideoReadError as e:
-            log.warning("skipping unreadable video: %s", e)
+    # decoding and resizing run in DataLoader workers, in order, while this process encodes
+    loader = torch.utils.data.DataLoader(_Decoded(mine, task), batch_size=None,
+                                         num_workers=min(int(task.decode_workers), len(mine)))
+    bar = tqdm(loader, total=len(mine), desc=f"encode videos (rank {rank})", unit="video",
+               disable=not is_main, dynamic_ncols=True)
+    for path, label, starts, clips, error in bar:
+        if error is not None:
+            log.warning("skipping unreadable video: %s", error)
             skipped.append(rel[path])
             continue
         if not starts:

@@ -64,7 +64,8 @@ class VideoTask(Task):
                  micro_batch: int = 32, shard_clips: int = 512, sample_posterior: bool = True,
                  fps: float = 8.0, max_preview: int = 8, max_videos: int | None = None,
                  inception_weights: str | None = None, i3d: str | None = None,
-                 eval_reference_clips: int | None = None, eval_seed: int = 0, seed: int = 0):
+                 eval_reference_clips: int | None = None, eval_seed: int = 0, seed: int = 0,
+                 decode_workers: int = 2):
         for key, val in (("frames", frames), ("stride", stride), ("resolution", resolution),
                          ("encode_clips", encode_clips), ("micro_batch", micro_batch),
                          ("shard_clips", shard_clips)):
@@ -94,6 +95,9 @@ class VideoTask(Task):
         self.inception_weights, self.i3d = inception_weights, i3d
         self.eval_reference_clips, self.eval_seed = eval_reference_clips, int(eval_seed)
         self.seed = int(seed)  # the posterior draws are a function of (seed, clip, epoch)
+        self.decode_workers = int(decode_workers)  # prepare: videos decoded in DataLoader workers
+        if self.decode_workers < 0:
+            raise ValueError(f"video: decode_workers must be >= 0, got {decode_workers}")
         self._codec: VideoCodec | None = None
         self._dataset: Dataset | None = None
 
