@@ -60,7 +60,7 @@ class VideoTask(Task):
                  num_classes: int | None = None, clip_hop: int | None = None,
                  max_clips_per_video: int | None = None,
                  extensions: Sequence[str] = VIDEO_EXTENSIONS, cache_dtype: str = "float16",
-                 vae_dtype: str = "float32", device: str = "auto", encode_clips: int = 8,
+                 vae_dtype: str = "auto", device: str = "auto", encode_clips: int = 8,
                  micro_batch: int = 32, shard_clips: int = 512, sample_posterior: bool = True,
                  fps: float = 8.0, max_preview: int = 8, max_videos: int | None = None,
                  inception_weights: str | None = None, i3d: str | None = None,
@@ -77,8 +77,8 @@ class VideoTask(Task):
         if cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"video: cache_dtype must be one of {list(CACHE_DTYPES)}, got "
                              f"'{cache_dtype}'")
-        if vae_dtype not in CACHE_DTYPES:
-            raise ValueError(f"video: vae_dtype must be one of {list(CACHE_DTYPES)}, got "
+        if vae_dtype not in CACHE_DTYPES and vae_dtype != "auto":
+            raise ValueError(f"video: vae_dtype must be auto or one of {list(CACHE_DTYPES)}, got "
                              f"'{vae_dtype}'")
         self.root = Path(root).expanduser() if root is not None else None
         self.frames, self.stride, self.resolution = int(frames), int(stride), int(resolution)
@@ -184,8 +184,11 @@ class VideoTask(Task):
         """The VAE, loaded on first use (sampling and prepare only)."""
         dev = torch.device(device) if device is not None else _pick_device(self.device)
         if self._codec is None or self._codec.device != dev:
+            # auto: bf16 on CUDA (the VAE is the cost of prepare), float32 on the CPU
+            dtype = self.vae_dtype if self.vae_dtype != "auto" else (
+                "bfloat16" if dev.type == "cuda" else "float32")
             self._codec = VideoCodec(self.vae, kind=self.vae_type, scale=self.scale, device=dev,
-                                     dtype=getattr(torch, self.vae_dtype),
+                                     dtype=getattr(torch, dtype),
                                      micro_batch=self.micro_batch)
         return self._codec
 
