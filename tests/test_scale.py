@@ -476,3 +476,22 @@ def test_non_image_evaluation_gathers_nothing(tmp_path):
     assert m["num_samples"] == 5 and m["processes"] == 2
     assert np.load(out / "samples.npy").shape[0] == 5
     assert sorted(f.name for f in (out / "chunks").glob("data_*.npy")) == [f"data_{c:06d}.npy" for c in range(3)]
+
+
+def test_scale_doc_holds_the_counted_figures():
+    """docs/scale.md's counted figures come from tools/scale_estimates.py: the SD-VAE encoder's
+    FLOPs and DC-DiT-B's parameters and forward FLOPs at 256 px, recomputed here (meta device)."""
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("scale_estimates", root / "tools" / "scale_estimates.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = (root / "docs" / "scale.md").read_text()
+    enc = mod.vae_encoder_gflops(256)
+    assert f"SD-VAE encoder {enc:.0f} GFLOP per 256 px frame" in doc
+    model = mod.build_meta("dcdit_b", (32, 32), 4)
+    P = sum(p.numel() for p in model.parameters())
+    gflop = 2 * mod.forward_macs(model, 0.25) / 1e9
+    assert f"| dcdit_b | {P / 1e6:.0f}M | {gflop:.0f} | {mod.STATIC_BYTES_PER_PARAM * P / 1e9:.1f} |" in doc
+    for formula in ("20 B/param", "16 B/param", "saved_tensors_hooks", "ESTIMATE".lower()):
+        assert formula.lower() in doc.lower(), formula
