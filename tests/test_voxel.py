@@ -373,3 +373,35 @@ def test_config_and_errors(tmp_path, mesh_root):
     with pytest.raises(ValueError, match="broken.ply"):
         load_mesh(mesh_root / "sphere" / "broken.ply")
     assert occupancy_to_mesh(np.zeros((8, 8, 8), bool)) is None
+
+
+@pytest.mark.slow
+def test_two_process_voxel_evaluation_gathers_nothing(tmp_path, mesh_root, task16):
+    """Voxel samples (a task without numbered files) evaluated by 2 processes: each writes its
+    chunks to disk and the main process reads them; a spy makes any gather_object fail."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from test_scale import SPY
+    from test_train import run_cli
+    rd = tmp_path / "run"
+    run_cli(["train", "task=voxel", f"task.root={mesh_root}", "task.resolution=16", "task.shard_size=5",
+             "task.progress=false", "model=dcdit_debug", "model.patch_size=2", "train.max_steps=1",
+             "train.global_batch_size=4", "train.sample_every=0", "dc.ratio_group_size=4", f"run_dir={rd}"])
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ev"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DCGEN_DEBUG"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={port}", str(spy), "evaluate", f"run_dir={rd}", "num_samples=4",
+                        "batch_size=1", "steps=2", "+evaluate.num_points=64", f"out_dir={out}"],
+                       capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_samples"] == 4 and m["processes"] == 2
+    assert len(list((out / "chunks").glob("data_*.npy"))) == 4
