@@ -495,3 +495,35 @@ def test_scale_doc_holds_the_counted_figures():
     assert f"| dcdit_b | {P / 1e6:.0f}M | {gflop:.0f} | {mod.STATIC_BYTES_PER_PARAM * P / 1e9:.1f} |" in doc
     for formula in ("20 B/param", "16 B/param", "saved_tensors_hooks", "ESTIMATE".lower()):
         assert formula.lower() in doc.lower(), formula
+
+
+def test_pixel_npz_is_memory_mapped_not_loaded(tmp_path):
+    """A 300 MB uncompressed .npz: building the task maps it (RSS stays flat), items are converted
+    one at a time and equal the in-memory conversion; a compressed file still works (in memory)."""
+    import torch
+    from dcgen.tasks.pixel.data import NpzImageDataset
+    from dcgen.tasks.pixel.task import PixelTask
+    rng = np.random.default_rng(0)
+    n = 100_000
+    imgs = np.lib.format.open_memmap(tmp_path / "tmp.npy", mode="w+", dtype=np.uint8, shape=(n, 32, 32, 3))
+    for k in range(0, n, 10_000):
+        imgs[k:k + 10_000] = rng.integers(0, 256, (10_000, 32, 32, 3), dtype=np.uint8)
+    labels = (np.arange(n) % 7).astype(np.int64)
+    np.savez(tmp_path / "big.npz", images=imgs, labels=labels)
+    sample = np.array(imgs[[0, 54_321, n - 1]])
+    del imgs
+    def rss_mb():
+        return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmRSS:")) / 1024
+
+    before = rss_mb()
+    task = PixelTask(source="npz", root=tmp_path / "big.npz", resolution=16)
+    ds = task.train_dataset()
+    grown = rss_mb() - before
+    assert isinstance(ds, NpzImageDataset) and isinstance(ds.images, np.memmap) and grown < 50, grown
+    assert len(ds) == n and task.num_classes == 7 and task.channels == 3
+    small = tmp_path / "small.npz"
+    np.savez_compressed(small, images=sample, labels=labels[[0, 54_321, n - 1]])
+    ref = PixelTask(source="npz", root=small, resolution=16).train_dataset()
+    for j, i in enumerate((0, 54_321, n - 1)):
+        x, y = ds[i]
+        assert torch.equal(x, ref[j][0]) and int(y) == i % 7

@@ -394,3 +394,29 @@ def test_clip_index_is_numpy_and_draws_depend_on_item_and_epoch(prepared):
     torch.manual_seed(123)
     assert torch.equal(ds[(1, 0)][0], a)
     assert not torch.equal(ds[(1, 1)][0], a) and not torch.equal(ds[(2, 0)][0], a)
+
+
+@pytest.mark.slow
+def test_two_process_video_evaluation_gathers_nothing(prepared, tmp_path):
+    """Video samples evaluated by 2 processes: each writes its chunks to disk, the main process
+    reads them for the metrics (none here: no Inception or I3D weights given); a spy makes any
+    gather_object fail."""
+    from test_scale import SPY
+    from test_train import run_cli
+    root, vae, _ = prepared
+    rd = tmp_path / "run"
+    run_cli(["train", *task_args(root, vae), "model=dcdit_debug", "train.max_steps=1",
+             "train.global_batch_size=4", "train.sample_every=0", "dc.ratio_group_size=4", f"run_dir={rd}"])
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    out = tmp_path / "ev"
+    env = {k: v for k, v in os.environ.items() if k != "DCGEN_DEBUG"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(spy), "evaluate", f"run_dir={rd}",
+                        "num_samples=3", "batch_size=1", "steps=2", f"out_dir={out}"],
+                       capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_samples"] == 3 and m["processes"] == 2
+    assert np.load(out / "samples.npy").shape[0] == 3
+    assert len(list((out / "chunks").glob("data_*.npy"))) == 3

@@ -6,7 +6,8 @@
   building the dataset decodes nothing. `dcgen prepare` validates every file once and writes an
   index that training reads; without it an unreadable file is logged by name when it is met and
   its item served by the next readable one, so a single bad file never kills a long run.
-- npz: an array `images` (N, H, W[, C]) and optional `labels`, held in memory.
+- npz: an array `images` (N, H, W[, C]) and optional `labels`, memory-mapped (np.savez) and
+  converted one item at a time.
 """
 from __future__ import annotations
 
@@ -111,54 +112,137 @@ def load_digits_tensors(resolution: int = 32, channels: int = 1, interpolation: 
 # npz
 # --------------------------------------------------------------------------------------------
 
+def npz_member(path: str | Path, key: str) -> np.ndarray | None:
+    """Array `key` of an `.npz`, memory-mapped when it is stored uncompressed (`np.savez`): only
+    the pages an item touches are read. A compressed member (`np.savez_compressed`) cannot be
+    mapped and is read whole (said in the log). None when there is no such key."""
+    import struct
+    import zipfile
+    path = Path(path)
+    with zipfile.ZipFile(path) as zf:
+        name = f"{key}.npy"
+        if name not in zf.namelist():
+            return None
+        info = zf.getinfo(name)
+        if info.compress_type != zipfile.ZIP_STORED:
+            log.warning("pixel npz source %s: '%s' is compressed, so it is read into memory in every "
+                        "process; save it with np.savez (uncompressed) to memory-map it", path, key)
+            with zf.open(name) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the zip local file header; name and extra field lengths at 26..30
+        n_name, n_extra = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + n_name + n_extra)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"pixel npz source {path}: '{key}' has npy format {version}")
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"pixel npz source {path}: '{key}' holds Python objects")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran else "C")
+
+
+class NpzImageDataset(Dataset):
+    """`.npz` with `images` (N, H, W[, C]) uint8 (0..255) or float ([0, 1], or [-1, 1] if any
+    value is negative) and optional integer `labels` (N,) -> (C, R, R) in [-1, 1] and the label,
+    read lazily: the images are memory-mapped (np.savez) and converted, cropped and resized one
+    item at a time, so a large array is never held whole in any process. Float images are
+    scanned once, chunk by chunk, for their range."""
+
+    def __init__(self, path: str | Path, resolution: int, channels: int | None,
+                 interpolation: str = "bicubic", images_key: str = "images",
+                 labels_key: str = "labels", hflip: bool = False, seed: int = 0):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"pixel npz source: file not found: {path}")
+        self.path, self.resolution, self.interpolation = path, int(resolution), interpolation
+        self.hflip, self.seed, self.key = bool(hflip), int(seed), images_key
+        imgs = npz_member(path, images_key)
+        if imgs is None:
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+            raise ValueError(f"pixel npz source {path}: no key '{images_key}'; keys present: {keys}")
+        if imgs.ndim == 3:
+            imgs = imgs[..., None]
+        if imgs.ndim != 4 or imgs.shape[-1] not in (1, 3, 4) or imgs.shape[0] == 0:
+            raise ValueError(f"pixel npz source {path}: '{images_key}' must be (N, H, W) or "
+                             f"(N, H, W, C) with C in 1/3/4 and N > 0, got {imgs.shape}")
+        self.signed = False
+        if np.issubdtype(imgs.dtype, np.floating):
+            lo, hi = np.inf, -np.inf
+            for k in range(0, imgs.shape[0], 4096):
+                part = np.asarray(imgs[k:k + 4096], dtype=np.float32)
+                lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+            if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 or hi > 1:
+                raise ValueError(f"pixel npz source {path}: float '{images_key}' must lie in "
+                                 f"[0, 1] or [-1, 1], got range [{lo}, {hi}]")
+            self.signed = lo < 0
+        elif imgs.dtype != np.uint8:
+            raise ValueError(f"pixel npz source {path}: '{images_key}' dtype must be uint8 or "
+                             f"float, got {imgs.dtype}")
+        self.images = imgs
+        self.channels = int(channels or min(imgs.shape[-1], 3))
+        labels = npz_member(path, labels_key)
+        if labels is None:
+            self.labels, self.has_labels = torch.zeros(imgs.shape[0], dtype=torch.int64), False
+        else:
+            labels = np.asarray(labels)
+            if labels.shape != (imgs.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"pixel npz source {path}: '{labels_key}' must be integer with "
+                                 f"shape ({imgs.shape[0]},), got {labels.dtype} {labels.shape}")
+            if labels.min() < 0:
+                raise ValueError(f"pixel npz source {path}: '{labels_key}' has negative values")
+            self.labels, self.has_labels = torch.from_numpy(labels.astype(np.int64)), True
+
+    @property
+    def wants_epoch(self) -> bool:
+        return self.hflip
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getstate__(self):  # workers map the file themselves
+        d = dict(self.__dict__)
+        d["images"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        imgs = npz_member(self.path, self.key)
+        self.images = imgs[..., None] if imgs.ndim == 3 else imgs
+
+    def load(self, i: int) -> torch.Tensor:
+        """Item i -> (C, R, R) in [-1, 1], no flip."""
+        a = np.asarray(self.images[i], dtype=np.float32)[None]  # (1, H, W, C)
+        x = torch.from_numpy(a / 255.0 if self.images.dtype == np.uint8 else a)
+        if self.signed:
+            x = (x + 1) / 2
+        x = x.permute(0, 3, 1, 2)
+        x = _match_channels(x, self.channels, f"pixel npz source {self.path}")
+        return _resize(x, self.resolution, self.interpolation)[0] * 2 - 1
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        i, epoch = item_key(key)
+        x = self.load(i)
+        if self.hflip and flipped(self.seed, i, epoch):
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
 def load_npz_tensors(path: str | Path, resolution: int, channels: int | None,
                      interpolation: str = "bicubic", images_key: str = "images",
                      labels_key: str = "labels") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`.npz` with `images` (N, H, W[, C]) uint8 (0..255) or float ([0, 1], or [-1, 1] if any
-    value is negative) and optional integer `labels` (N,) -> (N, C, R, R) in [-1, 1] and the
-    labels (N,) int64, or None when the file has none."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pixel npz source: file not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        keys = list(z.keys())
-        if images_key not in keys:
-            raise ValueError(f"pixel npz source {path}: no key '{images_key}'; keys present: "
-                             f"{keys}")
-        imgs = z[images_key]
-        labels = z[labels_key] if labels_key in keys else None
-    if imgs.ndim == 3:
-        imgs = imgs[..., None]
-    if imgs.ndim != 4 or imgs.shape[-1] not in (1, 3, 4) or imgs.shape[0] == 0:
-        raise ValueError(f"pixel npz source {path}: '{images_key}' must be (N, H, W) or "
-                         f"(N, H, W, C) with C in 1/3/4 and N > 0, got {imgs.shape}")
-    if imgs.dtype == np.uint8:
-        x = torch.from_numpy(imgs.astype(np.float32) / 255.0)
-    elif np.issubdtype(imgs.dtype, np.floating):
-        x = torch.from_numpy(imgs.astype(np.float32))
-        lo, hi = float(x.min()), float(x.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 or hi > 1:
-            raise ValueError(f"pixel npz source {path}: float '{images_key}' must lie in "
-                             f"[0, 1] or [-1, 1], got range [{lo}, {hi}]")
-        if lo < 0:
-            x = (x + 1) / 2
-    else:
-        raise ValueError(f"pixel npz source {path}: '{images_key}' dtype must be uint8 or "
-                         f"float, got {imgs.dtype}")
-    x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
-    x = _match_channels(x, channels or min(x.shape[1], 3), f"pixel npz source {path}")
-    x = _resize(x, resolution, interpolation)
-    if labels is None:
-        y = None
-    else:
-        labels = np.asarray(labels)
-        if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"pixel npz source {path}: '{labels_key}' must be integer with "
-                             f"shape ({x.shape[0]},), got {labels.dtype} {labels.shape}")
-        if labels.min() < 0:
-            raise ValueError(f"pixel npz source {path}: '{labels_key}' has negative values")
-        y = torch.from_numpy(labels.astype(np.int64))
-    return x * 2 - 1, y
+    """All images of an `.npz` (see NpzImageDataset) as one (N, C, R, R) tensor in [-1, 1] and
+    the labels (N,) int64, or None when the file has none. For small sets and tools; training
+    reads the file lazily through NpzImageDataset."""
+    ds = NpzImageDataset(path, resolution, channels, interpolation, images_key, labels_key)
+    x = torch.stack([ds.load(i) for i in range(len(ds))])
+    return x, (ds.labels if ds.has_labels else None)
 
 
 # --------------------------------------------------------------------------------------------

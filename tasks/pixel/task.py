@@ -15,8 +15,8 @@ from torch.utils.data import Dataset
 from dcgen import viz
 from dcgen.task import Task
 
-from .data import (INTERPOLATIONS, ImageFolderDataset, TensorImageDataset, load_digits_tensors,
-                   load_npz_tensors, scan_class_folders)
+from .data import (INTERPOLATIONS, ImageFolderDataset, NpzImageDataset, TensorImageDataset,
+                   load_digits_tensors, scan_class_folders)
 
 log = logging.getLogger("dcgen.data")
 SOURCES = ("digits", "folder", "npz")
@@ -63,6 +63,7 @@ class PixelTask(Task):
         self.grid = (self.resolution, self.resolution)
         self._dataset: Dataset | None = None
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._npz: NpzImageDataset | None = None
         self.classes: list[str] = []
 
         if source == "digits":
@@ -70,12 +71,11 @@ class PixelTask(Task):
             self._tensors = load_digits_tensors(self.resolution, self.channels, interpolation)
             found = 10
         elif source == "npz":
-            x, y = load_npz_tensors(self.root, self.resolution, channels, interpolation)
-            found = 0 if y is None else int(y.max()) + 1  # no labels: unconditional
-            if y is None:
-                y = torch.zeros(x.shape[0], dtype=torch.int64)
-            self._tensors = (x, y)
-            self.channels = x.shape[1]
+            # read lazily (memory-mapped, one item at a time): a large array is never held whole
+            self._npz = NpzImageDataset(self.root, self.resolution, channels, interpolation,
+                                        hflip=self.hflip, seed=self.seed)
+            found = int(self._npz.labels.max()) + 1 if self._npz.has_labels else 0  # none: unconditional
+            self.channels = self._npz.channels
         else:
             self.channels = channels or 3
             self.classes = scan_class_folders(self.root)  # missing root fails here, early
@@ -106,6 +106,10 @@ class PixelTask(Task):
                                         self.interpolation, classes=self.classes, seed=self.seed)
                 if self.num_classes == 0:
                     ds.samples = [(p, 0) for p, _ in ds.samples]
+            elif self.source == "npz":
+                ds = self._npz
+                if self.num_classes == 0:
+                    ds.labels = torch.zeros_like(ds.labels)
             else:
                 x, y = self._tensors
                 if self.num_classes == 0:
