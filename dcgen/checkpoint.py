@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -162,12 +163,21 @@ def _barrier(accelerator):
         accelerator.wait_for_everyone()
 
 
+def _pointed(root: Path, ptr: Path) -> Path:
+    """The checkpoint folder `latest` names: a `step_NNNNNNNN` folder of this run, nothing else
+    (a crafted pointer must not send a resume anywhere else)."""
+    name = ptr.read_text().strip()
+    if not re.fullmatch(r"step_\d{8}", name):
+        raise ValueError(f"checkpoint pointer {ptr} names {name[:80]!r}, not a step_NNNNNNNN folder")
+    return root / name
+
+
 def latest_checkpoint(run_dir) -> Path | None:
     root = Path(run_dir) / CKPT_DIR
     ptr = root / "latest"
     if not ptr.exists():
         return None
-    path = root / ptr.read_text().strip()
+    path = _pointed(root, ptr)
     if not (path / "state.json").exists():
         raise ValueError(f"checkpoint pointer {ptr} names {path}, which is incomplete or missing")
     return path
@@ -187,7 +197,7 @@ def resume_candidates(run_dir) -> list[Path]:
     ptr = root / "latest"
     if not ptr.exists():
         return []
-    named = root / ptr.read_text().strip()
+    named = _pointed(root, ptr)
     older = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) < _step_of(named)),
                    key=_step_of, reverse=True)
     return [named, *older]

@@ -328,3 +328,12 @@ def test_hydra_core_is_pinned_to_the_tested_minor():
     req = [r for r in requires("dcgen") if r.startswith("hydra-core")]
     assert req and "<1.4" in req[0], req
     assert hydra.__version__.startswith("1.3.")
+
+
+def test_checkpoint_pointer_outside_the_run_is_refused(trained, tmp_path, capsys):
+    rd = tmp_path / "run"
+    shutil.copytree(trained, rd)
+    (rd / "checkpoints" / "latest").write_text("../../elsewhere")
+    code, err = run_main(["train", f"run_dir={rd}", "train.max_steps=3"], capsys)
+    assert code == 2 and "not a step_NNNNNNNN folder" in err[-1], err
+    assert not any("Traceback" in e for e in err)
