@@ -219,8 +219,7 @@ def read_checkpoint(path, model, ema, optimizer, rank: int = 0, world: int | Non
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise ValueError("state.json has no step")
+        check_state(state)
         same_world = world is None or int(state.get("world", world)) == int(world)
         rng_file = path / f"rng_rank{rank}.pt"
         if same_world and not rng_file.exists():
@@ -228,6 +227,11 @@ def read_checkpoint(path, model, ema, optimizer, rank: int = 0, world: int | Non
         out = {"state": state,
                "optimizer": torch.load(path / "optimizer.pt", weights_only=True, mmap=mmap),
                "rng": torch.load(rng_file, weights_only=True) if same_world else None}
+        if out["rng"] is not None:
+            _check_rng(out["rng"])
+        if not isinstance(out["optimizer"], dict) or not isinstance(out["optimizer"].get("param_groups"), list) \
+                or not isinstance(out["optimizer"].get("state"), dict):
+            raise ValueError("optimizer.pt is not an optimizer state dict")
         if weights:
             out["model"] = load_file(path / "model.safetensors")
             out["ema"] = load_file(path / "ema.safetensors")
@@ -238,6 +242,33 @@ def read_checkpoint(path, model, ema, optimizer, rank: int = 0, world: int | Non
         expected = {k: v.shape for k, v in module.state_dict().items()}
         check_state_dict(expected, out[key], f"{path / (key + '.safetensors')}")
     return out
+
+
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def check_state(state) -> None:
+    """state.json holds what the loop wrote: a step >= 0, and the process and thread counts."""
+    if not isinstance(state, dict) or not _is_int(state.get("step")):
+        raise ValueError("state.json has no step (an integer >= 0)")
+    for key in ("world", "num_threads"):
+        if state.get(key) is not None and not _is_int(state[key], 1):
+            raise ValueError(f"state.json: {key}={state[key]!r} is not an integer >= 1")
+
+
+def _check_rng(rng) -> None:
+    """The RNG file restores into fresh generators (not the process's own) first: a file that
+    does not is damaged (or crafted), and resume falls back past it."""
+    try:
+        st = rng["global"]
+        torch.Generator().set_state(st["torch"])
+        r = random.Random()
+        r.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
+        name, keys, pos, has_gauss, cached = st["numpy"]
+        np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    except Exception as e:  # any malformed structure: a TypeError, KeyError, ValueError, ...
+        raise ValueError(f"rng file does not restore ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 def load_checkpoint(path, model, ema, optimizer, rank: int = 0) -> tuple[dict, dict]:
@@ -285,9 +316,9 @@ def resume(run_dir, model, ema, optimizer, rank: int = 0, accelerator=None, log=
             ema.load_state_dict(data["ema"])
         try:
             optimizer.load_state_dict(data["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except Exception as e:  # a malformed state dict fails in many ways
             raise ValueError(f"checkpoint {path} does not match the optimizer: "
-                             f"{_one_line(e)}") from None
+                             f"{type(e).__name__}: {_one_line(e)}") from None
         return path, data["state"], data["rng"]
     if newest_error is not None:
         raise ValueError(f"no checkpoint of {run_dir} can be loaded; the newest: {_one_line(newest_error)}")

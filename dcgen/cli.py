@@ -259,13 +259,12 @@ def compose_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
 def load_run_config(path: Path) -> DictConfig:
     """A run dir's stored config, read as untrusted data: YAML errors, a non-mapping, and
     interpolations are one-line ConfigErrors (see dcgen.trust)."""
-    import yaml
+    from .trust import check_files, parse_yaml, read_text
+    check_files(Path(path).parent)  # the run dir: no links or special files to write through
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())[:200]}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+        data = parse_yaml(read_text(path, "run config"), str(path))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     check_file_config(data, str(path), targets=False)  # plain data before OmegaConf sees it

@@ -178,10 +178,15 @@ def resolve_export_dir(path) -> Path:
     """An export directory itself, a file inside one, a run directory holding `export/`, or a
     Hub id `owner/name` (downloaded into the Hugging Face cache: config.json, model.safetensors,
     dcgen.json)."""
+    from .trust import check_files
     p = Path(path).expanduser()
     if p.is_file() and p.name in _EXPORT_FILES:
         p = p.parent
     if p.is_dir():
+        # no links or special files in a directory from elsewhere; a Hugging Face cache snapshot
+        # (<repo>/snapshots/<rev>/) links its files to <repo>/blobs/, which is fine
+        snapshot = p.parent.name == "snapshots" and (p.parents[1] / "blobs").is_dir()
+        check_files(p, links_within=p.parents[1] if snapshot else None)
         if _is_export(p):
             return p
         if (p / "export").is_dir() and _is_export(p / "export"):  # a run directory
@@ -203,11 +208,17 @@ def resolve_export_dir(path) -> Path:
 
 
 def _read(file: Path, kind: str):
-    try:
-        text = file.read_text()
-        data = json.loads(text) if kind == "json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{file}: not valid {kind.upper()}: {' '.join(str(e).split())}") from None
+    """An export's config file, read as untrusted data (dcgen.trust): a regular file of bounded
+    size, JSON or YAML without anchors, errors in one line."""
+    from .trust import parse_yaml, read_text
+    text = read_text(file, "config file")
+    if kind == "json":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{file}: not valid JSON: {' '.join(str(e).split())[:200]}") from None
+    else:
+        data = parse_yaml(text, str(file))
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -288,8 +299,10 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Modul
     try:
         with torch.device("meta"):
             shell = build(cfg["model"])
-    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise ValueError(f"{cfg_file}: cannot build the model: {' '.join(str(e).split())[:300]}") from None
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError, RecursionError) as e:
+        # values a file chose (a zero divisor, an overflow): one line, never a traceback
+        raise ValueError(f"{cfg_file}: cannot build the model: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
     expected = {k: v.shape for k, v in shell.state_dict().items()}
     del shell
     try:

@@ -662,13 +662,15 @@ def _previous_state(run_dir: Path) -> dict:
     """state.json of the newest checkpoint whose state.json reads ({} for a new run): the step
     and thread count a resume starts from (the full load, with fallback, comes later)."""
     import json
+
+    from .checkpoint import check_state
     for path in resume_candidates(run_dir):
         try:
             state = json.loads((path / "state.json").read_text())
+            check_state(state)
         except (OSError, ValueError):
-            continue
-        if isinstance(state, dict) and isinstance(state.get("step"), int):
-            return state
+            continue  # damaged: the full load says so and falls back
+        return state
     return {}
 
 

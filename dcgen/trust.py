@@ -59,6 +59,30 @@ MODELS = {
 }
 TABLES = {"task": TASKS, "objective": OBJECTIVES, "optim": OPTIMIZERS, "model": MODELS}
 
+# keys of a class that name a program to load (TorchScript runs its own code): never from a file,
+# only from the user's command line (e.g. `dcgen evaluate ... +evaluate.i3d=/path`)
+CODE_KEYS = {"VideoTask": ("i3d", "inception_weights")}
+# sizes a file may not exceed: beyond them building the object alone would exhaust memory or time
+BOUNDS = {
+    "model": {"depth": 1024, "hidden_size": 16384, "num_heads": 1024, "encoder_dim": 16384,
+              "mlp_ratio": 64, "num_classes": 10 ** 6},
+    "task": {"resolution": 4096, "frames": 1024, "num_samples": 10 ** 7, "num_classes": 10 ** 6,
+             "channels": 64, "latent_channels": 1024},
+    "objective": {"num_timesteps": 10 ** 5},
+}
+# per class, tighter than its kind's: the digits source upscales every image when it is built
+CLASS_BOUNDS = {"PixelTask": {"resolution": 512}}
+# what the training loop reads from a stored run config (a file lacking one is refused as read)
+REQUIRED_RUN_KEYS = {
+    "": ("seed", "train", "dc", "sample", "optim", "task", "model", "objective"),
+    "train": ("max_steps", "global_batch_size", "grad_accum_steps", "grad_clip", "ema_decay",
+              "ckpt_every", "ckpt_keep", "sample_every", "log_every", "num_workers", "label_dropout"),
+    "dc": ("ratio_weight", "target_n", "ratio_group_size", "n_warmup_steps", "n_start", "multi_budget",
+           "multi_budget_start_step", "budgets"),
+}
+# the largest file dcgen reads as a config (a run dir's config.yaml, config.json, dcgen.json)
+MAX_CONFIG_BYTES = 4 * 2 ** 20
+
 # Hydra's instantiate keys; a file may carry `_target_` at the top of a node (a table key) and,
 # for the optimizer, `_partial_: true` (the optimizer is built once the parameters exist)
 _SPECIAL = re.compile(r"^_[A-Za-z]+_$")
@@ -71,10 +95,15 @@ def _plain(node):
     return node
 
 
-def check_plain(value: Any, where: str, path: str, allow: frozenset = frozenset()) -> None:
+MAX_DEPTH = 32
+
+
+def check_plain(value: Any, where: str, path: str, allow: frozenset = frozenset(), depth: int = 0) -> None:
     """Refuse anything but plain data below `path`: interpolations, Hydra's special keys (except
-    `allow`, at this level only) and objects that are not numbers, strings, booleans, null,
-    lists or string-keyed mappings."""
+    `allow`, at this level only), nesting deeper than MAX_DEPTH and objects that are not numbers,
+    strings, booleans, null, lists or string-keyed mappings."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{where}: refusing {path[:80]}...: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, Mapping):
         for k, v in value.items():
             sub = f"{path}.{k}" if path else str(k)
@@ -85,10 +114,10 @@ def check_plain(value: Any, where: str, path: str, allow: frozenset = frozenset(
             if _SPECIAL.match(k) and k not in allow:
                 raise ConfigError(f"{where}: refusing {sub}={_short(v)}: a file may name a class only "
                                   "as the _target_ of a task, model, objective or optim node")
-            check_plain(v, where, sub)
+            check_plain(v, where, sub, depth=depth + 1)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            check_plain(v, where, f"{path}[{i}]")
+            check_plain(v, where, f"{path}[{i}]", depth=depth + 1)
     elif isinstance(value, str):
         if _INTERPOLATION in value:
             raise ConfigError(f"{where}: refusing {path}={_short(value)}: interpolations and resolvers "
@@ -102,7 +131,7 @@ def _short(v, n: int = 80) -> str:
     return s if len(s) <= n else s[:n - 3] + "..."
 
 
-def check_node(node, kind: str, where: str, path: str | None = None) -> dict:
+def check_node(node, kind: str, where: str, path: str | None = None, trusted: bool = False) -> dict:
     """The plain dict of an untrusted `kind` node (task, model, objective, optim), refused unless
     it is a mapping of plain data whose `_target_` is a key of the kind's exact table."""
     path = path or kind
@@ -124,7 +153,92 @@ def check_node(node, kind: str, where: str, path: str | None = None) -> dict:
                           f"from a file are built only from {', '.join(names)}")
     if kind == "optim" and node.get("_partial_", True) is not True:
         raise ConfigError(f"{where}: refusing {path}._partial_={_short(node['_partial_'])}: expected true")
+    cls_name = target.rsplit(".", 1)[-1]
+    for key in () if trusted else CODE_KEYS.get(cls_name, ()):
+        if node.get(key) is not None:
+            raise ConfigError(f"{where}: refusing {path}.{key}={_short(node[key])}: a file may not name a "
+                              f"program to load; give it on the command line (e.g. +evaluate.{key}=...)")
+    for key, limit in {**BOUNDS.get(kind, {}), **CLASS_BOUNDS.get(cls_name, {})}.items():
+        for v in _numbers(node.get(key)):
+            if not -limit <= v <= limit:
+                raise ConfigError(f"{where}: refusing {path}.{key}={_short(node[key])}: beyond {limit}")
     return dict(node)
+
+
+def _numbers(v):
+    if isinstance(v, bool):
+        return []
+    if isinstance(v, (int, float)):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [x for x in v if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    return []
+
+
+ALLOW_LINKS_ENV = "DCGEN_ALLOW_RUN_DIR_LINKS"
+
+
+def check_files(directory, where: str | None = None, limit: int = 100_000, links_within=None) -> None:
+    """A run dir or export from elsewhere holds only directories and regular files: a symbolic
+    link would send dcgen's writes (log lines, checkpoints, samples) or reads (/dev/zero) to a
+    place the file chose, and a FIFO or device would hang a read. Refused in one line.
+    `links_within`: links to regular files inside that folder are fine (a Hugging Face cache
+    snapshot links its files to ../../blobs). For a run dir of your own that links, e.g.,
+    checkpoints/ to scratch space, set DCGEN_ALLOW_RUN_DIR_LINKS=1."""
+    import os
+    import stat
+    root = os.fspath(directory)
+    allow_all = os.environ.get(ALLOW_LINKS_ENV) == "1"
+    inside = os.path.realpath(links_within) if links_within is not None else None
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=allow_all):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                target = os.path.realpath(p)
+                ok = allow_all or (inside is not None and os.path.isfile(target)
+                                   and os.path.commonpath([inside, target]) == inside)
+                if not ok:
+                    raise ConfigError(f"{where or root}: refusing {p}: a symbolic link inside a run or "
+                                      f"export directory (copy what it points to; for a run dir of "
+                                      f"your own, {ALLOW_LINKS_ENV}=1)")
+                mode = os.stat(p).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise ConfigError(f"{where or root}: refusing {p}: not a regular file")
+            n += 1
+            if n > limit:
+                return
+
+
+def read_text(path, what: str = "file") -> str:
+    """A config file's text, refused in one line when it is not a regular file of at most
+    MAX_CONFIG_BYTES (a link to /dev/zero, a FIFO, a multi-GB file)."""
+    import os
+    import stat
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: refusing a {what} that is not a regular file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: refusing a {what} of {st.st_size} bytes (at most {MAX_CONFIG_BYTES})")
+    with open(path, "rb") as f:
+        return f.read(MAX_CONFIG_BYTES + 1).decode("utf-8", errors="strict")
+
+
+def parse_yaml(text: str, where: str):
+    """YAML from an untrusted file: safe tags only, no anchors or aliases (an alias bomb expands
+    exponentially; dcgen never writes them), bounded nesting."""
+    import yaml
+    try:
+        for tok in yaml.scan(text):
+            if isinstance(tok, (yaml.AnchorToken, yaml.AliasToken)):
+                raise ConfigError(f"{where}: refusing YAML anchors and aliases")
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())[:200]}") from None
 
 
 def check_file_config(cfg, where: str, targets: bool = True) -> None:
@@ -133,6 +247,17 @@ def check_file_config(cfg, where: str, targets: bool = True) -> None:
     data = _plain(cfg)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    if targets:  # built from: every key the loop reads must be there, sections must be sections
+        for section, keys in REQUIRED_RUN_KEYS.items():
+            node = data if not section else data.get(section)
+            if not isinstance(node, Mapping):
+                raise ConfigError(f"{where}: refusing {section}={_short(node)}: expected a section")
+            missing = [k for k in keys if k not in node]
+            if missing:
+                raise ConfigError(f"{where}: refusing a run config without "
+                                  f"{', '.join((section + '.' if section else '') + k for k in missing)}")
+        if data.get("init") is not None and not isinstance(data.get("init"), Mapping):
+            raise ConfigError(f"{where}: refusing init={_short(data['init'])}: expected a section or null")
     for key, value in data.items():
         if key in TABLES and targets:
             check_node(value, key, where)
@@ -162,8 +287,9 @@ def build(node, kind: str, where: str, trusted: bool = False, **fill):
         node = check_node(node, "model", where) if not trusted else dict(_plain(node))
         try:
             return build_model(node, **fill)
-        except TypeError as e:
-            raise ConfigError(f"{where}: cannot build the model: {e}") from None
+        except (TypeError, ArithmeticError, RuntimeError, MemoryError, RecursionError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"{where}: cannot build the model: {type(e).__name__}: {first}") from None
     if trusted:
         plain = _plain(node)
         if not (isinstance(plain, Mapping) and plain.get("_target_") in TABLES[kind]
@@ -173,7 +299,7 @@ def build(node, kind: str, where: str, trusted: bool = False, **fill):
             return instantiate(node, _convert_="all")
         # a dcgen class: built the same way as from a file (the command line resolves first)
         node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(plain)
-        node = check_node(node, kind, where)
+        node = check_node(node, kind, where, trusted=True)
     else:
         node = check_node(node, kind, where)
     target = node.pop("_target_")
@@ -185,9 +311,11 @@ def build(node, kind: str, where: str, trusted: bool = False, **fill):
         return functools.partial(cls, **node)
     try:
         return cls(**node)
-    except TypeError as e:
-        raise ConfigError(f"{where}: cannot build {kind} {target}: {e}") from None
+    except (TypeError, ArithmeticError, RuntimeError, MemoryError, RecursionError, IndexError) as e:
+        # values a file chose (a zero divisor, an overflow, an allocation): one line, not a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{where}: cannot build {kind} {target}: {type(e).__name__}: {first}") from None
 
 
 __all__ = ["TASKS", "OBJECTIVES", "OPTIMIZERS", "MODELS", "build", "check_node", "check_file_config",
-           "check_plain"]
+           "check_plain", "check_files", "read_text", "parse_yaml"]

@@ -145,17 +145,22 @@ def test_crafted_export_is_refused_everywhere(trained, tmp_path, capsys, monkeyp
     assert not (tmp_path / "ev").exists() and not (tmp_path / "exp2").exists()
 
 
-@pytest.mark.parametrize("hidden,why", [(2 ** 16, "model.safetensors: state dict does not match"),
-                                        (2 ** 40, "config.json: cannot build the model")])
-def test_huge_model_description_is_refused_without_allocating(trained, tmp_path, capsys, hidden, why):
-    """hidden_size = 2**16 would need ~100 GB, 2**40 overflows: the description is built on the
-    meta device and checked against the weights' header before anything is allocated."""
+@pytest.mark.parametrize("key,value,why", [
+    ("hidden_size", 2 ** 13, "model.safetensors: state dict does not match"),
+    ("hidden_size", 2 ** 40, "refusing config.hidden_size=1099511627776: beyond 16384"),
+    ("depth", 200_000, "refusing config.depth=200000: beyond 1024"),
+    ("num_heads", 0, "cannot build the model: ZeroDivisionError"),
+    ("patch_size", 0, "cannot build the model"),
+])
+def test_bad_model_description_is_refused_without_allocating(trained, tmp_path, capsys, key, value, why):
+    """Sizes past the bounds are refused as read; others are built on the meta device and checked
+    against the weights' header before anything is allocated; a zero divisor is one line."""
     import resource
 
     import dcgen
     d = tmp_path / "export"
     shutil.copytree(trained / "export", d)
-    edit_model("hidden_size", hidden)(d, "")
+    edit_model(key, value)(d, "")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ValueError, match=why):
         dcgen.load_model(d)
@@ -190,7 +195,12 @@ def test_hub_snapshot_is_checked_like_a_local_export(trained, tmp_path, capsys, 
     cache = tmp_path / "hub"
     repo = cache / "models--someone--dcdit"
     snap = repo / "snapshots" / ("a" * 40)
-    shutil.copytree(trained / "export", snap)
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in (trained / "export").iterdir():  # the real layout: snapshot files link to blobs/
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("a" * 40)
     from huggingface_hub import constants
@@ -199,6 +209,10 @@ def test_hub_snapshot_is_checked_like_a_local_export(trained, tmp_path, capsys, 
     monkeypatch.chdir(tmp_path)
     assert dcgen.load_model("someone/dcdit") is not None  # the intact snapshot loads
     marker = tmp_path / MARK
+    for f in snap.iterdir():  # edit the blobs through real files
+        target = f.resolve()
+        f.unlink()
+        shutil.copy(target, f)
     edit_extra("objective", lambda m: "{_target_: dcgen.io.os.makedirs, name: %s}" % m)(snap, str(marker))
     with pytest.raises(ValueError, match="refusing objective="):
         dcgen.load_model("someone/dcdit")
@@ -336,4 +350,125 @@ def test_checkpoint_pointer_outside_the_run_is_refused(trained, tmp_path, capsys
     (rd / "checkpoints" / "latest").write_text("../../elsewhere")
     code, err = run_main(["train", f"run_dir={rd}", "train.max_steps=3"], capsys)
     assert code == 2 and "not a step_NNNNNNNN folder" in err[-1], err
+    assert not any("Traceback" in e for e in err)
+
+
+
+# ---- the run dir's own files: links, special files, damaged checkpoints ---------------------------
+
+def _link(rd: Path, rel: str, target: Path):
+    p = rd / rel
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.symlink_to(target)
+
+
+@pytest.mark.parametrize("rel", ["log.txt", "checkpoints/.latest.tmp", "samples", "tb", "config.yaml",
+                                 "checkpoints/step_00000001/state.json", "export/dcgen.json"])
+def test_links_inside_a_run_dir_are_refused(trained, tmp_path, capsys, rel):
+    """A link would send dcgen's writes (log lines, the checkpoint pointer, samples, events) or
+    reads to a place the file chose: the run dir is refused, the target untouched."""
+    rd = tmp_path / "run"
+    shutil.copytree(trained, rd)
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    _link(rd, rel, victim)
+    for cmd in (["train", f"run_dir={rd}", "train.max_steps=2"],
+                ["sample", f"run_dir={rd}", "num_samples=1", "steps=2"]):
+        code, err = run_main(cmd, capsys)
+        assert code == 2 and "a symbolic link inside a run or export directory" in err[-1], err
+    assert victim.read_text() == "untouched\n"
+
+
+def test_a_run_dir_of_your_own_may_link_with_the_switch(trained, tmp_path, monkeypatch):
+    rd = tmp_path / "run"
+    shutil.copytree(trained, rd)
+    scratch = tmp_path / "scratch"
+    shutil.move(str(rd / "checkpoints"), scratch)
+    (rd / "checkpoints").symlink_to(scratch)
+    monkeypatch.setenv("DCGEN_ALLOW_RUN_DIR_LINKS", "1")
+    assert main(["train", f"run_dir={rd}", "train.max_steps=2"]) == 0
+    assert (scratch / "step_00000002").is_dir()
+
+
+def test_fifo_anchors_and_deep_nesting_are_one_line(trained, tmp_path, capsys):
+    import os
+    rd = tmp_path / "run"
+    shutil.copytree(trained, rd)
+    good = (rd / "config.yaml").read_text()
+    (rd / "config.yaml").unlink()
+    os.mkfifo(rd / "config.yaml")  # a read would hang
+    code, err = run_main(["train", f"run_dir={rd}"], capsys)
+    assert code == 2 and "not a regular file" in err[-1], err
+    (rd / "config.yaml").unlink()
+    (rd / "config.yaml").write_text(good + "a0: &a0 [x, x, x]\na1: [*a0, *a0, *a0]\n")
+    code, err = run_main(["train", f"run_dir={rd}"], capsys)
+    assert code == 2 and "anchors and aliases" in err[-1], err
+    (rd / "config.yaml").write_text(good + "extra: " + "[" * 200 + "]" * 200 + "\n")
+    code, err = run_main(["train", f"run_dir={rd}"], capsys)
+    assert code == 2 and "nested deeper" in err[-1], err
+    d = tmp_path / "export"
+    shutil.copytree(trained / "export", d)
+    (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, err = run_main(["sample", f"run_dir={d}"], capsys)
+    assert code == 2 and "not valid JSON" in err[-1], err
+
+
+@pytest.mark.parametrize("edit,why", [
+    ({"dc": None}, "refusing dc=None: expected a section"),
+    ({"init": 5}, "refusing init=5: expected a section or null"),
+    ({"train.grad_accum_steps": "DELETE"}, "without train.grad_accum_steps"),
+])
+def test_a_run_config_missing_what_the_loop_reads_is_refused(trained, tmp_path, capsys, edit, why):
+    rd = tmp_path / "run"
+    shutil.copytree(trained, rd)
+    cfg = yaml.safe_load((rd / "config.yaml").read_text())
+    for key, value in edit.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        if value == "DELETE":
+            del node[leaf]
+        else:
+            node[leaf] = value
+    (rd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, err = run_main(["train", f"run_dir={rd}", "train.max_steps=2"], capsys)
+    assert code == 2 and why in err[-1], err
+
+
+def test_video_task_from_a_file_may_not_name_a_program(trained, tmp_path, capsys):
+    """An I3D or Inception TorchScript runs its own code when loaded: never named by a file."""
+    marker = tmp_path / MARK
+    for key in ("i3d", "inception_weights"):
+        d = tmp_path / key
+        shutil.copytree(trained / "export", d)
+        edit_extra("task", {"_target_": "dcgen.tasks.video.VideoTask", "root": str(tmp_path),
+                            key: str(marker)})(d, "")
+        code, err = run_main(["evaluate", f"run_dir={d}", "num_samples=1", f"out_dir={tmp_path / 'ev'}"], capsys)
+        assert code == 2 and f"refusing task.{key}=" in err[-1] and "program" in err[-1], err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["rng", "state", "optimizer"])
+def test_malformed_checkpoint_files_are_one_line(trained, tmp_path, capsys, damage):
+    import json as _json
+
+    import torch
+    rd = tmp_path / "run"
+    shutil.copytree(trained, rd)
+    ck = rd / "checkpoints" / "step_00000001"
+    if damage == "rng":
+        torch.save({"global": {"torch": torch.zeros(3)}}, ck / "rng_rank0.pt")
+    elif damage == "state":
+        st = _json.loads((ck / "state.json").read_text())
+        st["num_threads"] = -1
+        (ck / "state.json").write_text(_json.dumps(st))
+    else:
+        torch.save({"state": {}, "param_groups": 5}, ck / "optimizer.pt")
+    code, err = run_main(["train", f"run_dir={rd}", "train.max_steps=2"], capsys)
+    assert code == 2 and err[-1].startswith("dcgen train: error: no checkpoint of"), err
     assert not any("Traceback" in e for e in err)
