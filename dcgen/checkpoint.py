@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .validate import one_line
+
 CKPT_DIR = "checkpoints"
 
 
@@ -79,12 +81,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _all_ok(accelerator, ok: bool) -> bool:
-    """True when every rank's `ok` is True (one tiny all-reduce; also a barrier)."""
-    if accelerator is None or accelerator.num_processes == 1:
+def ranks_agree(state, ok: bool) -> bool:
+    """True when `ok` is True on every process of `state` (an Accelerator or a PartialState, or
+    None for one process): one tiny all-reduce, also a barrier. Every rank then takes the same
+    branch, so none is left waiting at a collective behind a rank that failed."""
+    if state is None or state.num_processes == 1:
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
-    return float(accelerator.reduce(flag, reduction="sum")[0]) == 0.0
+    from accelerate.utils import reduce
+    flag = torch.tensor([0.0 if ok else 1.0], device=state.device)
+    return float(reduce(flag, reduction="sum")[0]) == 0.0
 
 
 def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extra_rng: dict,
@@ -108,7 +113,7 @@ def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extr
             tmp.mkdir()
         except OSError as e:
             error = e
-    if not _all_ok(accelerator, error is None):
+    if not ranks_agree(accelerator, error is None):
         return _failed_save(tmp, is_main, error, step)
     written = []
     try:
@@ -128,7 +133,7 @@ def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extr
             _fsync_file(f)
     except OSError as e:
         error = e
-    if not _all_ok(accelerator, error is None):
+    if not ranks_agree(accelerator, error is None):
         return _failed_save(tmp, is_main, error, step)
     if is_main:
         _fsync_dir(tmp)
@@ -236,24 +241,20 @@ def read_checkpoint(path, model, ema, optimizer, rank: int = 0, world: int | Non
             out["model"] = load_file(path / "model.safetensors")
             out["ema"] = load_file(path / "ema.safetensors")
     except Exception as e:  # a torn file fails in many ways (safetensors, zip, pickle, JSON, OS)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"checkpoint {path} cannot be read: {type(e).__name__}: {first}") from None
+        raise ValueError(f"checkpoint {path} cannot be read: {type(e).__name__}: {one_line(e, 200)}") from None
     for key, module in (("model", model), ("ema", ema)) if weights else ():
         expected = {k: v.shape for k, v in module.state_dict().items()}
         check_state_dict(expected, out[key], f"{path / (key + '.safetensors')}")
     return out
 
 
-def _is_int(v, lo: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
 def check_state(state) -> None:
     """state.json holds what the loop wrote: a step >= 0, and the process and thread counts."""
-    if not isinstance(state, dict) or not _is_int(state.get("step")):
+    from .validate import int_
+    if not isinstance(state, dict) or not int_(0).check(state.get("step")):
         raise ValueError("state.json has no step (an integer >= 0)")
     for key in ("world", "num_threads"):
-        if state.get(key) is not None and not _is_int(state[key], 1):
+        if state.get(key) is not None and not int_(1).check(state[key]):
             raise ValueError(f"state.json: {key}={state[key]!r} is not an integer >= 1")
 
 
@@ -269,19 +270,6 @@ def _check_rng(rng) -> None:
         np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     except Exception as e:  # any malformed structure: a TypeError, KeyError, ValueError, ...
         raise ValueError(f"rng file does not restore ({type(e).__name__}: {str(e)[:100]})") from None
-
-
-def load_checkpoint(path, model, ema, optimizer, rank: int = 0) -> tuple[dict, dict]:
-    """Restore model, EMA and optimizer in place; return (state.json, this rank's RNG dict).
-    All files are read and checked before anything is applied."""
-    data = read_checkpoint(path, model, ema, optimizer, rank, world=None)
-    try:
-        model.load_state_dict(data["model"])
-        ema.load_state_dict(data["ema"])
-        optimizer.load_state_dict(data["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]}") from None
-    return data["state"], data["rng"]
 
 
 def resume(run_dir, model, ema, optimizer, rank: int = 0, accelerator=None, log=None):
@@ -303,12 +291,12 @@ def resume(run_dir, model, ema, optimizer, rank: int = 0, accelerator=None, log=
             data, error = read_checkpoint(path, model, ema, optimizer, rank, world, weights, mmap), None
         except ValueError as e:
             data, error = None, e
-        if not _all_ok(accelerator, error is None):
+        if not ranks_agree(accelerator, error is None):
             error = error or ValueError(f"checkpoint {path} cannot be read on another process")
             newest_error = newest_error or error
             if log is not None and (accelerator is None or accelerator.is_main_process):
                 nxt = candidates[i + 1] if i + 1 < len(candidates) else None
-                log.warning("%s; %s", _one_line(error),
+                log.warning("%s; %s", one_line(error),
                             f"falling back to {nxt}" if nxt else "no older checkpoint is kept")
             continue
         if weights:
@@ -318,12 +306,8 @@ def resume(run_dir, model, ema, optimizer, rank: int = 0, accelerator=None, log=
             optimizer.load_state_dict(data["optimizer"])
         except Exception as e:  # a malformed state dict fails in many ways
             raise ValueError(f"checkpoint {path} does not match the optimizer: "
-                             f"{type(e).__name__}: {_one_line(e)}") from None
+                             f"{type(e).__name__}: {one_line(e)}") from None
         return path, data["state"], data["rng"]
     if newest_error is not None:
-        raise ValueError(f"no checkpoint of {run_dir} can be loaded; the newest: {_one_line(newest_error)}")
+        raise ValueError(f"no checkpoint of {run_dir} can be loaded; the newest: {one_line(newest_error)}")
     return None
-
-
-def _one_line(e) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

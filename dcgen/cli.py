@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .trust import check_file_config
-from .validate import ConfigError, is_restart_key, validate
+from .validate import ConfigError, is_restart_key, one_line, validate
 
 COMMANDS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "prepare": "prepare",
             "export": "export"}
@@ -377,8 +377,7 @@ def run(command: str, args: list[str]):
 
 
 def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    text = msg[0] if msg else type(e).__name__
+    text = one_line(e)
     if isinstance(e, KeyError):
         text = f"missing key {text}"
     return text

@@ -137,28 +137,11 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return draw_seed(seed, "eval-chunk", chunk)
 
 
-def _protocol(cfg, args: dict, ecfg: dict, run_dir) -> dict:
-    from .io import WEIGHTS_FILE, resolve_export_dir
-    w = resolve_export_dir(run_dir) / WEIGHTS_FILE
+def _protocol(cfg, args: dict, ecfg: dict, export_dir: Path) -> dict:
+    from .io import WEIGHTS_FILE
+    w = export_dir / WEIGHTS_FILE
     return {**{k: args.get(k, cfg.get(k)) for k in PROTOCOL_KEYS},
             "export_step": ecfg.get("step"), "weights_bytes": w.stat().st_size}
-
-
-def _write_json(path: Path, obj) -> None:
-    """Atomic: a marker either exists whole or not at all."""
-    import os
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _any_rank(state, flag: bool) -> bool:
-    """True when `flag` is True on any process (one small all-reduce; also a barrier)."""
-    if state.num_processes == 1:
-        return flag
-    from accelerate.utils import reduce
-    t = torch.tensor([1.0 if flag else 0.0], device=state.device)
-    return float(reduce(t, reduction="sum")[0]) > 0
 
 
 def evaluate_command(cfg: DictConfig) -> Path | None:
@@ -188,7 +171,11 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     N, B = int(cfg.num_samples), int(cfg.batch_size)
 
     # 2. model, objective, task; every setting checked before anything is written ----------------
-    model, objective, task, ecfg = load_run(cfg.run_dir, device)
+    from .checkpoint import ranks_agree
+    from .io import resolve_export_dir
+    from .viz import write_stats_json
+    export_dir = resolve_export_dir(cfg.run_dir)  # checks the run dir's files once
+    model, objective, task, ecfg = load_run(export_dir, device)
     from .pipeline import with_diffusers_samplers
     objective = with_diffusers_samplers(objective)  # sampler=dpm++ | unipc through diffusers
     args = sampling_args(cfg, ecfg)
@@ -204,7 +191,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     branches = cfg_branches(task.num_classes, cfg.cfg_scale)
     labels = eval_labels(cfg.seed, N, task.num_classes, bool(cfg.get("class_balanced", False)))
     protocol = _protocol(cfg, {**args, "num_samples": N, "batch_size": B, "precision": precision,
-                               "class_balanced": bool(cfg.get("class_balanced", False))}, ecfg, cfg.run_dir)
+                               "class_balanced": bool(cfg.get("class_balanced", False))}, ecfg, export_dir)
 
     # 3. the plan, and what an earlier run of this command finished -------------------------------
     out_dir = [str(cfg.out_dir or Path(cfg.run_dir) / "eval" / time.strftime("%Y%m%d-%H%M%S"))]
@@ -258,15 +245,15 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
             np.save(chunks_dir / f"data_{c:06d}.npy", data.numpy())
         costs = cost_summary(model, result, branches)
         peak, peak_kind = _peak_memory(device)
-        _write_json(chunks_dir / f"chunk_{c:06d}.json", {
+        write_stats_json({
             "chunk": c, "protocol": protocol, "lo": lo, "hi": hi, "rank": rank,
             "seconds": float(result["seconds"]), "decode_seconds": time.time() - t0, "peak": peak,
             "peak_kind": peak_kind, "per_image": costs["per_image"], "kept_by_step": costs["kept_by_step"],
-            "ts": list(result.get("ts") or [])})
+            "ts": list(result.get("ts") or [])}, chunks_dir / f"chunk_{c:06d}.json")  # atomic
         if is_main:
             log.info("chunk %d (%d of this process's %d) written", c, i + 1, len(mine))
         _fault_after_chunk(c)
-    if _any_rank(state, failure is not None):  # every rank stops alike
+    if not ranks_agree(state, failure is None):  # every rank stops alike
         raise NonFiniteSamplesError(failure or "sampling produced non-finite values on another process; "
                                     "the chunks before it are kept")
     state.wait_for_everyone()

@@ -223,15 +223,16 @@ def load_run(run_dir, device) -> tuple:
     """(model, objective, task, export config) of a run dir or an exported checkpoint dir."""
     from .io import load_model, read_export_config, resolve_export_dir
     from .trust import build
-    ecfg = read_export_config(run_dir)  # checked before anything is built
-    where = str(resolve_export_dir(run_dir) / "dcgen.json")
+    d = resolve_export_dir(run_dir)  # the run dir's (or export's) files are checked once, here
+    ecfg = read_export_config(d)  # checked before anything is built
+    where = str(d / "dcgen.json")
     if "task" not in ecfg:
         raise ValueError(f"{run_dir}: the export has no task config; sample it from Python with "
                          "dcgen.sample.generate(model, objective, task)")
     task = build(ecfg["task"], "task", where)
     objective = build(ecfg.get("objective") or {"_target_": "dcgen.diffusion.GaussianDiffusion"},
                       "objective", where)
-    model = load_model(run_dir, device=device)
+    model = load_model(d, device=device)
     return model, objective, task, ecfg
 
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .validate import ConfigError
+from .validate import ConfigError, one_line
 
 # accepted `_target_` -> (module, attribute): both the config spelling and the module path
 TASKS = {
@@ -288,8 +288,7 @@ def build(node, kind: str, where: str, trusted: bool = False, **fill):
         try:
             return build_model(node, **fill)
         except (TypeError, ArithmeticError, RuntimeError, MemoryError, RecursionError, IndexError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ConfigError(f"{where}: cannot build the model: {type(e).__name__}: {first}") from None
+            raise ConfigError(f"{where}: cannot build the model: {type(e).__name__}: {one_line(e, 200)}") from None
     if trusted:
         plain = _plain(node)
         if not (isinstance(plain, Mapping) and plain.get("_target_") in TABLES[kind]
@@ -313,8 +312,7 @@ def build(node, kind: str, where: str, trusted: bool = False, **fill):
         return cls(**node)
     except (TypeError, ArithmeticError, RuntimeError, MemoryError, RecursionError, IndexError) as e:
         # values a file chose (a zero divisor, an overflow, an allocation): one line, not a traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"{where}: cannot build {kind} {target}: {type(e).__name__}: {first}") from None
+        raise ConfigError(f"{where}: cannot build {kind} {target}: {type(e).__name__}: {one_line(e, 200)}") from None
 
 
 __all__ = ["TASKS", "OBJECTIVES", "OPTIMIZERS", "MODELS", "build", "check_node", "check_file_config",

@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A user mistake in a config or command line; the CLI prints it as one line, exit 2."""
 
 
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if limit is None else text[:limit]
+
+
 # Keys that a restart of an existing run dir may change (requeue-safe resume, docs/configs.md).
 # They change how long a run goes and how often it writes, never what an optimizer step computes.
 RESTART_KEYS = (

@@ -215,8 +215,11 @@ def test_sigint_checkpoints_exits_130_and_the_identical_command_resumes_bit_exac
 
 
 def test_a_second_ctrl_c_exits_at_once():
-    code = ("import os, signal\nfrom dcgen.train import _Signals\ns = _Signals()\n"
-            "os.kill(os.getpid(), signal.SIGINT)\nprint('first', s.received, flush=True)\n"
+    # (a process-directed signal may land on another thread: wait until the handler has run)
+    code = ("import os, signal, time\nfrom dcgen.train import _Signals\ns = _Signals()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "for _ in range(500):\n    if s.received is not None: break\n    time.sleep(0.01)\n"
+            "print('first', s.received, flush=True)\n"
             "os.kill(os.getpid(), signal.SIGINT)\nprint('not reached', flush=True)\n")
     p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 130 and p.stdout.split() == ["first", str(int(signal.SIGINT))], (p.stdout, p.stderr)

@@ -295,8 +295,6 @@ def write_folder_index(root: str | Path, classes: Sequence[str] | None = None,
     (`root/.dcgen_index.json`, or `index_file`): the classes, the readable files with their
     labels, and the unreadable ones with the reason. Training then reads this list instead of
     walking the folders, and never meets an unreadable file."""
-    import json
-    import os
     root = Path(root)
     classes = list(classes) if classes is not None else scan_class_folders(root)
     files = list_image_files(root, classes, extensions)
@@ -310,10 +308,9 @@ def write_folder_index(root: str | Path, classes: Sequence[str] | None = None,
             bad.append([str(p.relative_to(root)), reason])
         if progress_every and n % progress_every == 0:
             log.info("pixel prepare: checked %d / %d files", n, len(files))
-    out = Path(index_file) if index_file is not None else root / INDEX_FILE
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"version": 1, "classes": classes, "files": good, "skipped": bad}))
-    os.replace(tmp, out)
+    from dcgen.viz import write_stats_json  # atomic: temp file, then rename
+    out = write_stats_json({"version": 1, "classes": classes, "files": good, "skipped": bad},
+                           Path(index_file) if index_file is not None else root / INDEX_FILE)
     log.info("pixel prepare: %d readable, %d unreadable file(s); index %s", len(good), len(bad), out)
     return out
 
