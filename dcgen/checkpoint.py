@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .run import CHECKPOINTS
 from .validate import one_line
 
-CKPT_DIR = "checkpoints"
+CKPT_DIR = CHECKPOINTS
 
 
 def _contiguous(sd: dict) -> dict:
@@ -100,7 +101,7 @@ def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extr
     `keep` checkpoints are kept, and with `keep_every` > 0 also every milestone whose step is a
     multiple of it."""
     root = Path(run_dir) / CKPT_DIR
-    final = root / f"step_{step:08d}"
+    final = checkpoint_dir(run_dir, step)
     tmp = root / f".tmp_step_{step:08d}"
     is_main = accelerator is None or accelerator.is_main_process
     rank = 0 if accelerator is None else accelerator.process_index
@@ -152,6 +153,11 @@ def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extr
             shutil.rmtree(p, ignore_errors=True)
     _barrier(accelerator)
     return final
+
+
+def checkpoint_dir(run_dir, step: int) -> Path:
+    """The folder of step `step`'s checkpoint in `run_dir` (kept or not)."""
+    return Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
 
 
 def _failed_save(tmp: Path, is_main: bool, error, step: int):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from .run import Run
 from .trust import check_file_config
 from .validate import ConfigError, is_restart_key, one_line, validate
 
@@ -223,8 +224,8 @@ def compose_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
       Identical, or differing only in restartable keys -> resume with the new values (said on
       stderr); any other difference -> ConfigError listing the differing keys, old -> new.
     Nothing is written here."""
-    where = str(run_dir / "config.yaml")
-    stored = load_run_config(run_dir / "config.yaml")
+    where = str(Run(run_dir).config_file)
+    stored = load_run_config(Run(run_dir).config_file)
     parsed = _parse(overrides)
     given = [ov.key_or_group for ov in parsed if ov.key_or_group != "run_dir"]
     trusted = not all(is_restart_key(k) for k in given)
@@ -347,7 +348,7 @@ def run(command: str, args: list[str]):
         return None
     rd = _run_dir_override(overrides)
     trusted = True  # composed from the command line and the user's search path
-    if command == "train" and rd and (Path(rd) / "config.yaml").exists():
+    if command == "train" and rd and Run(rd).has_config():
         cfg, trusted = compose_resume(Path(rd), overrides)
     else:
         cfg = compose(COMMANDS[command], overrides, record_choices=command == "train")

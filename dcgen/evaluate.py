@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .run import EVAL_CONFIG_FILE, Run
+
 log = logging.getLogger("dcgen.evaluate")
 
 
@@ -194,7 +196,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
                                "class_balanced": bool(cfg.get("class_balanced", False))}, ecfg, export_dir)
 
     # 3. the plan, and what an earlier run of this command finished -------------------------------
-    out_dir = [str(cfg.out_dir or Path(cfg.run_dir) / "eval" / time.strftime("%Y%m%d-%H%M%S"))]
+    out_dir = [str(cfg.out_dir or Run(cfg.run_dir).eval_dir())]
     if world > 1:
         broadcast_object_list(out_dir)  # every rank writes where rank 0 decided
     out_dir = Path(out_dir[0])
@@ -262,7 +264,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
 
     # 5. metrics on the main process, from disk ----------------------------------------------------
     markers = [json.loads((chunks_dir / f"chunk_{c:06d}.json").read_text()) for c in range(n_chunks)]
-    OmegaConf.save(cfg, out_dir / "evaluate_config.yaml")
+    OmegaConf.save(cfg, out_dir / EVAL_CONFIG_FILE)
     if labels is not None:
         np.save(out_dir / "labels.npy", labels.numpy())
     if numbered:

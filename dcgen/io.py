@@ -21,10 +21,12 @@ import torch
 import torch.nn as nn
 import yaml
 
+from .run import LEGACY_EXPORT_CONFIG, Run
+
 CONFIG_FILE = "config.json"  # the model description (Hugging Face layout)
 WEIGHTS_FILE = "model.safetensors"
 EXTRA_FILE = "dcgen.json"  # task, objective, step, sample defaults
-LEGACY_CONFIG_FILE = "config.yaml"  # exports written before 2026-11-30
+LEGACY_CONFIG_FILE = LEGACY_EXPORT_CONFIG  # exports written before 2026-11-30
 # what an export directory may contain; anything else means the user pointed us at a directory
 # holding other work, and replacing it would destroy that work
 _EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE, LEGACY_CONFIG_FILE, "README.md"}
@@ -189,8 +191,8 @@ def resolve_export_dir(path) -> Path:
         check_files(p, links_within=p.parents[1] if snapshot else None)
         if _is_export(p):
             return p
-        if (p / "export").is_dir() and _is_export(p / "export"):  # a run directory
-            return p / "export"
+        if Run(p).export_dir.is_dir() and _is_export(Run(p).export_dir):  # a run directory
+            return Run(p).export_dir
         if (p / CONFIG_FILE).is_file() or (p / LEGACY_CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{p / WEIGHTS_FILE}: missing (an export needs {CONFIG_FILE} and "
                                     f"{WEIGHTS_FILE}; a run directory needs export/)")

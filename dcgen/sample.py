@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .diffusion.gaussian import host_to_device
+from .run import SAMPLE_CONFIG_FILE, Run
 from .diffusion.guidance import conditional_net
 
 log = logging.getLogger("dcgen.sample")
@@ -255,12 +256,12 @@ def sample_command(cfg: DictConfig) -> Path:
                       seed=cfg.seed, device=device, record=True, map_samples=cfg.boundary_maps,
                       map_timesteps=cfg.map_timesteps, progress=True)
     data = task.decode(result["samples"].to(device)).cpu()
-    out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "samples" / time.strftime("%Y%m%d-%H%M%S"))
+    out_dir = Path(cfg.out_dir or Run(cfg.run_dir).samples_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     files = task.write_samples(data, out_dir, labels=result["labels"])
     np.save(out_dir / "samples_model_space.npy", result["samples"].numpy())
     files += write_boundary_outputs(result, task, out_dir)
-    OmegaConf.save(cfg, out_dir / "sample_config.yaml")
+    OmegaConf.save(cfg, out_dir / SAMPLE_CONFIG_FILE)
     log.info("wrote %d files to %s", len(files), out_dir)
     print(out_dir)
     return out_dir

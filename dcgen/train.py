@@ -20,6 +20,7 @@ from .checkpoint import latest_checkpoint, resume, resume_candidates, save_check
 from .diffusion.gaussian import host_to_device
 from .ema import EMA
 from .models import DCDiT
+from .run import Run
 
 log = logging.getLogger("dcgen.train")
 
@@ -307,12 +308,13 @@ class _StepDecision:
 
 
 class RunLog:
-    """The plain progress line every `log_every` steps, to stdout and run_dir/log.txt (rank 0);
-    a tqdm bar in addition only when stdout is a terminal."""
+    """The plain progress line every `log_every` steps, to stdout and the run's log file, and the
+    same numbers as one record of its metrics file (rank 0); a tqdm bar in addition only when
+    stdout is a terminal."""
 
-    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool):
-        self.enabled, self.total = enabled, total
-        self.file = open(run_dir / "log.txt", "a", buffering=1) if enabled else None
+    def __init__(self, run: Run, total: int, start: int, enabled: bool):
+        self.enabled, self.total, self.run = enabled, total, run
+        self.file = open(run.log_file, "a", buffering=1) if enabled else None
         self.bar = None
         if enabled and sys.stdout.isatty():
             from tqdm.auto import tqdm
@@ -330,6 +332,12 @@ class RunLog:
         else:
             print(text, flush=True)
         self.file.write(text + "\n")
+
+    def record(self, step: int, summary: dict):
+        """The structured twin of `line` (metrics.jsonl): what readers parse."""
+        if self.enabled:
+            self.run.append_metrics({"step": step, "time": time.time(),
+                                     **{k: float(v) for k, v in summary.items()}})
 
     def close(self):
         if self.bar is not None:
@@ -396,9 +404,10 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     mixed = resolve_mixed_precision(tc.get("mixed_precision"))
     trackers = _trackers(tc.get("log_with", ["tensorboard"]))
     state = PartialState(cpu=on_cpu)
-    run_dir = [cfg.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"]
+    run_dir = [cfg.run_dir or Run.new_name()]
     broadcast_object_list(run_dir)  # every rank writes into the directory rank 0 chose
     run_dir = Path(run_dir[0])
+    run = Run(run_dir)
     acc_kw = {} if mixed is None else {"mixed_precision": mixed}
     accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum_steps, cpu=on_cpu,
                               log_with=trackers or None, project_dir=str(run_dir), **acc_kw)
@@ -436,7 +445,7 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     # 2. Task, data, model, EMA, objective, optimiser: everything that can fail on a bad config
     #    is built before the run dir is touched --------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical model init on every rank
-    where = str(Path(cfg.run_dir) / "config.yaml") if not trusted else "the command line"
+    where = str(run.config_file) if not trusted else "the command line"
     task = build(cfg.task, "task", where, trusted=trusted)
     dataset = task.train_dataset()
     if len(dataset) == 0:
@@ -478,13 +487,12 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
 
     # 3. Run directory, frozen config, log file -----------------------------------------------------
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        run.write_config(cfg)  # atomic: another rank may be reading it for its own resume check
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     accelerator.wait_for_everyone()
     file_log = None
     if is_main:
-        file_log = logging.FileHandler(run_dir / "log.txt")
+        file_log = logging.FileHandler(run.log_file)
         file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         logging.getLogger("dcgen").addHandler(file_log)
         if upcycle_report is not None:
@@ -537,7 +545,7 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     stats = _Stats(device=accelerator.device)
     decision = _StepDecision(accelerator)
     signals = _Signals()
-    runlog = RunLog(run_dir, tc.max_steps, start_step, enabled=is_main)
+    runlog = RunLog(run, tc.max_steps, start_step, enabled=is_main)
     t_last, samples_since, steps_since = time.time(), 0, 0
     step = start_step
     ckpt_state = {"world": world, "mixed_precision": accelerator.mixed_precision, "num_threads": n_threads}
@@ -546,7 +554,7 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
         save_checkpoint(run_dir, at, raw, ema, optimizer, {"data_position": at * G_batch, **ckpt_state},
                         {}, accelerator, keep=tc.ckpt_keep, keep_every=int(tc.get("ckpt_keep_every") or 0))
         if is_main:
-            export_model(ema.model, run_dir / "export",
+            export_model(ema.model, run.export_dir,
                          extra={"task": OmegaConf.to_container(cfg.task, resolve=True),
                                 "objective": OmegaConf.to_container(cfg.objective, resolve=True),
                                 "step": at})
@@ -634,10 +642,11 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
                                      for key, val in summary.items()}, step=step)
                 runlog.line(format_line(step, tc.max_steps, summary,
                                         (tc.max_steps - step) * dt / max(1, steps_since)))
+                runlog.record(step, summary)
                 t_last, samples_since, steps_since = time.time(), 0, 0
 
             if tc.sample_every and step % tc.sample_every == 0 and is_main:
-                _preview(cfg, task, ema.model, objective, run_dir, step, writer)
+                _preview(cfg, task, ema.model, objective, run, step, writer)
             if is_ckpt:
                 checkpoint(step)
                 _fault_after_checkpoint(step)
@@ -753,11 +762,11 @@ class _Stats:
 
 
 @torch.no_grad()
-def _preview(cfg, task, model, objective, run_dir: Path, step: int, writer):
+def _preview(cfg, task, model, objective, run: Run, step: int, writer):
     """A few samples from the EMA weights, written by the task and logged to TensorBoard."""
     from .pipeline import with_diffusers_samplers
     from .sample import generate, sampling_args
-    out_dir = run_dir / "samples" / f"step_{step:08d}"
+    out_dir = run.preview_dir(step)
     # the same sampler construction as `dcgen sample` (dpm++ and unipc through diffusers)
     result = generate(model, with_diffusers_samplers(objective), task, **sampling_args(cfg.sample),
                       seed=cfg.seed, record=False)

@@ -70,6 +70,20 @@ def test_restart_may_raise_max_steps(tmp_path):
     assert_same_weights(ref, run)
 
 
+def test_config_rewrite_is_atomic_for_a_concurrent_reader(tmp_path):
+    """Under DDP a resuming rank reads config.yaml while rank 0 rewrites it (CI caught a rank
+    reading a truncated file): the rewrite replaces the file, it never truncates the one a reader
+    has open."""
+    rd = tmp_path / "run"
+    cli(["train", *TOY, "train.max_steps=2", "train.ckpt_every=2", f"run_dir={rd}"])
+    with open(rd / "config.yaml") as reader:
+        before = reader.read()
+        cli(["train", *TOY, "train.max_steps=3", "train.ckpt_every=2", f"run_dir={rd}"])
+        reader.seek(0)
+        assert reader.read() == before  # the file the reader holds is whole and unchanged
+    assert "max_steps: 3" in (rd / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("change,keys", [
     (["model=dit_debug"], ["model._target_", "choices.model"]),
     (["task.grid=[4,4]"], ["task.grid"]),
@@ -178,7 +192,7 @@ def test_two_process_sigterm_to_one_rank_stops_both_and_resumes_bit_exact(tmp_pa
     import json
     assert json.loads((ck / "state.json").read_text())["world"] == 2
     res = launch_two(["train", *cmd, f"run_dir={run}"])
-    assert all(rc == 0 for rc, _, _ in res)
+    assert all(rc == 0 for rc, _, _ in res), (res[0][2][-2000:], res[1][2][-2000:])
     assert_same_weights(ref, run)
 
 

@@ -135,14 +135,13 @@ def cached_row(d: Path, args) -> dict | None:
 
 
 def seconds_per_step(run_dir: Path) -> float | None:
-    """From the log's samples/s and the global batch: the training speed, logging steps only."""
-    import yaml
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    G = cfg["train"]["global_batch_size"]
-    rates = []
-    for line in (run_dir / "log.txt").read_text().splitlines():
-        if line.startswith("step ") and "samples/s" in line:
-            rates.append(float(line.split(" samples/s")[0].rsplit("| ", 1)[1]))
+    """From the run's metrics records (samples/s at each log step) and its global batch: the
+    training speed, logging steps only."""
+    from dcgen.cli import load_run_config
+    from dcgen.run import Run
+    run = Run(run_dir)
+    G = int(load_run_config(run.config_file).train.global_batch_size)
+    rates = [rec["samples_per_s"] for rec in run.read_metrics() if "samples_per_s" in rec]
     if not rates:
         return None
     rates = rates[1:] or rates  # the first window includes start-up

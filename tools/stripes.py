@@ -29,10 +29,11 @@ import torch
 def load(run: Path, step: int | None):
     from safetensors.torch import load_file
 
+    from dcgen.checkpoint import checkpoint_dir
     from dcgen.sample import load_run
     model, objective, task, _ = load_run(run, "cpu")
     if step is not None:
-        model.load_state_dict(load_file(run / "checkpoints" / f"step_{step:08d}" / "ema.safetensors"))
+        model.load_state_dict(load_file(checkpoint_dir(run, step) / "ema.safetensors"))
     return model.eval(), objective, task
 
 
