@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .rng import check_rng_state, rng_state
 from .run import CHECKPOINTS
 from .validate import one_line
 
@@ -29,26 +28,6 @@ CKPT_DIR = CHECKPOINTS
 
 def _contiguous(sd: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-
-
-def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
-          "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    # numpy's state is a tuple holding an ndarray; store it as plain lists for weights_only loading
-    name, keys, pos, has_gauss, cached = st["numpy"]
-    st["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
-    return st
-
-
-def set_rng_state(st: dict):
-    torch.set_rng_state(st["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
-    name, keys, pos, has_gauss, cached = st["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def _fault(stage: str):
@@ -268,12 +247,7 @@ def _check_rng(rng) -> None:
     """The RNG file restores into fresh generators (not the process's own) first: a file that
     does not is damaged (or crafted), and resume falls back past it."""
     try:
-        st = rng["global"]
-        torch.Generator().set_state(st["torch"])
-        r = random.Random()
-        r.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
-        name, keys, pos, has_gauss, cached = st["numpy"]
-        np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        check_rng_state(rng["global"])
     except Exception as e:  # any malformed structure: a TypeError, KeyError, ValueError, ...
         raise ValueError(f"rng file does not restore ({type(e).__name__}: {str(e)[:100]})") from None
 

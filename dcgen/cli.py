@@ -122,8 +122,8 @@ def _constructor_keys(base: DictConfig, overrides: list[str], parsed):
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return overrides, parsed
     try:
-        from .models import _class
-        params = set(inspect.signature(_class(node._target_).__init__).parameters) - {"self"}
+        from .models import model_class
+        params = set(inspect.signature(model_class(node._target_).__init__).parameters) - {"self"}
     except ValueError:
         return overrides, parsed
     out = []

@@ -38,14 +38,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .diffusion.guidance import cfg_branches
 from .run import EVAL_CONFIG_FILE, Run
 
 log = logging.getLogger("dcgen.evaluate")
-
-
-def cfg_branches(num_classes: int, cfg_scale: float) -> int:
-    """Model rows per image in one sampling step: 2 when classifier-free guidance doubles the batch."""
-    return 2 if num_classes > 0 and float(cfg_scale) != 1.0 else 1
 
 
 # columns of the per-step record of a DC-DiT (see `dc_step_recorder`)
@@ -90,7 +86,7 @@ def cost_summary(model, result: dict, branches: int) -> dict:
     else:  # DiT: every token at every step
         K = len(result.get("ts") or [])
         one = float(per_sample_macs(model, batch=1)["total"][0])
-        L = float(math.prod(model.grid))
+        L = float(math.prod(model.token_grid))
         per_image = torch.tensor([[branches * K * one, K * one, branches * K * one, L, L]],
                                  dtype=torch.float64).expand(n, 5).clone()
         kept_by_step = torch.full((K,), L * n, dtype=torch.float64)
@@ -120,7 +116,7 @@ def eval_labels(seed: int, num_samples: int, num_classes: int, balanced: bool) -
     """The labels of samples 0..N-1, a function of (seed, N) only: uniform over the classes, or
     (balanced) exactly N / num_classes of each class in a seeded random order (the ADM / REPA
     protocol). None for an unconditional model."""
-    from .task import item_generator
+    from .rng import item_generator
     if num_classes == 0:
         return None
     g = item_generator(seed, "eval-labels", 0)
@@ -135,7 +131,7 @@ def eval_labels(seed: int, num_samples: int, num_classes: int, balanced: bool) -
 
 def chunk_seed(seed: int, chunk: int) -> int:
     """The generator seed of chunk `chunk` (its initial noise and the sampler's per-step noise)."""
-    from .task import draw_seed
+    from .rng import draw_seed
     return draw_seed(seed, "eval-chunk", chunk)
 
 
@@ -277,7 +273,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     metrics = dict(task.evaluate(samples, out_dir, device=device, **eval_kwargs) or {})
 
     per_image = np.concatenate([np.asarray(m["per_image"], dtype=np.float64).reshape(-1, 5) for m in markers])
-    L = int(math.prod(getattr(model, "grid", task.grid)))
+    L = int(math.prod(model.token_grid))
     K = max(len(m["ts"]) for m in markers)
     metrics.update({
         "num_samples": N,

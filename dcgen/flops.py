@@ -119,7 +119,7 @@ def _dcdit_components(model: DCDiT, M: torch.Tensor, count_residual_proj: bool, 
                       attn_softmax: bool) -> dict[str, torch.Tensor]:
     if dechunk not in DECHUNK_CONVENTIONS:
         raise ValueError(f"dechunk must be one of {DECHUNK_CONVENTIONS}, got {dechunk!r}")
-    grid = tuple(model.grid)
+    grid = tuple(model.token_grid)
     L = math.prod(grid)
     D = model.backbone_norm.weight.numel()
     one = torch.ones_like(M)
@@ -143,7 +143,7 @@ def _dcdit_components(model: DCDiT, M: torch.Tensor, count_residual_proj: bool, 
 
 
 def _dit_components(model: DiT, batch: int, attn_softmax: bool) -> dict[str, torch.Tensor]:
-    L = math.prod(model.grid)
+    L = math.prod(model.token_grid)
     M = torch.full((batch,), float(L), dtype=torch.float64)
     one = torch.ones_like(M)
     embed = L * conv_macs(model.x_embedder) + linear_macs(model.t_embedder)
@@ -157,7 +157,7 @@ def per_sample_macs(model, kept_counts=None, batch: int | None = None,
                     attn_softmax: bool = True) -> dict[str, torch.Tensor]:
     """Like `model_flops` but every entry is a (B,) float64 tensor, one MAC count per sample."""
     if isinstance(model, DCDiT):
-        M = _as_counts(kept_counts, batch, math.prod(model.grid))
+        M = _as_counts(kept_counts, batch, math.prod(model.token_grid))
         comp = _dcdit_components(model, M, count_residual_proj, dechunk, attn_softmax)
     elif isinstance(model, DiT):
         if kept_counts is not None:

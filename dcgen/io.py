@@ -19,13 +19,13 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
-import yaml
-
 from .run import LEGACY_EXPORT_CONFIG, Run
 
 CONFIG_FILE = "config.json"  # the model description (Hugging Face layout)
 WEIGHTS_FILE = "model.safetensors"
 EXTRA_FILE = "dcgen.json"  # task, objective, step, sample defaults
+PIPELINE_INDEX = "model_index.json"  # a DCDiTPipeline.save_pretrained folder ...
+PIPELINE_TRANSFORMER = "transformer"  # ... keeps the model as an export in this subfolder
 LEGACY_CONFIG_FILE = LEGACY_EXPORT_CONFIG  # exports written before 2026-11-30
 # what an export directory may contain; anything else means the user pointed us at a directory
 # holding other work, and replacing it would destroy that work
@@ -36,7 +36,7 @@ _EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE, LEGACY_CONFIG_FILE, "REA
 # helpers shared with dcgen.compat.convert
 # --------------------------------------------------------------------------------------------
 
-def _listing(keys, limit: int = 8) -> str:
+def listing(keys, limit: int = 8) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:limit])
     return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"
@@ -57,11 +57,11 @@ def check_state_dict(expected: Mapping[str, torch.Size], got: Mapping[str, torch
              if k in got and shape(got[k]) != tuple(expected[k])]
     problems = []
     if missing:
-        problems.append(f"missing keys {_listing(missing)}")
+        problems.append(f"missing keys {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_listing(unexpected)}")
+        problems.append(f"unexpected keys {listing(unexpected)}")
     if wrong:
-        problems.append(f"wrong shapes (file != model) {_listing(wrong)}")
+        problems.append(f"wrong shapes (file != model) {listing(wrong)}")
     if problems:
         raise ValueError(f"{where}: state dict does not match the model: " + "; ".join(problems))
 
@@ -84,17 +84,6 @@ def plain(obj):
     return repr(obj)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP/FSDP wrappers keep the model in .module, torch.compile in ._orig_mod
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
@@ -112,7 +101,8 @@ def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
 
     from .models import describe
 
-    model = _unwrap(model)
+    from .models import unwrap
+    model = unwrap(model)
     extra = dict(extra or {})
     if "model" in extra:
         raise ValueError("export_model: `extra` must not contain a 'model' node (config.json is "
@@ -137,7 +127,7 @@ def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
         other = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_FILES)
         if other:
             raise ValueError(f"{out}: refusing to replace a directory holding other files "
-                             f"{_listing(other)}; choose an empty or new export directory")
+                             f"{listing(other)}; choose an empty or new export directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     # a plain mkdir (not mkdtemp) so the export gets the user's umask, not 0700
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -177,7 +167,8 @@ def _is_export(p: Path) -> bool:
 
 
 def resolve_export_dir(path) -> Path:
-    """An export directory itself, a file inside one, a run directory holding `export/`, or a
+    """An export directory itself, a file inside one, a run directory holding `export/`, a
+    `DCDiTPipeline.save_pretrained` folder (its `transformer/`), or a
     Hub id `owner/name` (downloaded into the Hugging Face cache: config.json, model.safetensors,
     dcgen.json)."""
     from .trust import check_files
@@ -191,6 +182,8 @@ def resolve_export_dir(path) -> Path:
         check_files(p, links_within=p.parents[1] if snapshot else None)
         if _is_export(p):
             return p
+        if (p / PIPELINE_INDEX).is_file() and _is_export(p / PIPELINE_TRANSFORMER):  # a pipeline folder
+            return p / PIPELINE_TRANSFORMER
         if Run(p).export_dir.is_dir() and _is_export(Run(p).export_dir):  # a run directory
             return Run(p).export_dir
         if (p / CONFIG_FILE).is_file() or (p / LEGACY_CONFIG_FILE).is_file():
@@ -209,7 +202,7 @@ def resolve_export_dir(path) -> Path:
     raise FileNotFoundError(f"{p}: no such export or run directory")
 
 
-def _read(file: Path, kind: str):
+def read_config_file(file: Path, kind: str):
     """An export's config file, read as untrusted data (dcgen.trust): a regular file of bounded
     size, JSON or YAML without anchors, errors in one line."""
     from .trust import parse_yaml, read_text
@@ -236,16 +229,16 @@ def read_export_config(path) -> dict:
     d = resolve_export_dir(path)
     if (d / CONFIG_FILE).is_file():
         where = d / CONFIG_FILE
-        model = _read(where, "json")
+        model = read_config_file(where, "json")
         if "arch" in model and "_target_" not in model:
             model = from_legacy(model)
         cfg = {"model": check_node(model, "model", str(where), path="config")}
         if (d / EXTRA_FILE).is_file():
-            extra = _read(d / EXTRA_FILE, "json")
+            extra = read_config_file(d / EXTRA_FILE, "json")
             cfg.update(_check_extra(extra, str(d / EXTRA_FILE)))
     else:  # the layout before 2026-11-30: one config.yaml with a model: {arch: ...} node
         where = d / LEGACY_CONFIG_FILE
-        cfg = _read(where, "yaml")
+        cfg = read_config_file(where, "yaml")
         model = cfg.get("model")
         if isinstance(model, dict) and "arch" in model and "_target_" not in model:
             model = from_legacy(model)

@@ -42,6 +42,7 @@ K model calls.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,9 @@ from .diffusion.guidance import conditional_net
 log = logging.getLogger("dcgen.pipeline")
 
 SCHEDULERS = ("ddpm", "ddim", "dpm++", "unipc")
+# the scheduler classes a saved pipeline folder may name (an exact table: nothing else is built)
+PIPELINE_SCHEDULERS = {c.__name__: c for c in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler,
+                                                 UniPCMultistepScheduler)}
 _LEARNED = ("learned", "learned_range")
 _FIXED = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
@@ -330,11 +334,85 @@ class DCDiTPipeline(DiffusionPipeline):
                    cfg_channels=cfg_channels)
         return pipe.to(device)
 
+    # ---- the pipeline folder: save and load, symmetric ----
+
+    def save_pretrained(self, save_directory, **kwargs) -> Path:
+        """Write the pipeline folder: `model_index.json`, `transformer/` (a dcgen export:
+        config.json with `_target_`, model.safetensors), `scheduler/` and `vae/` (when there is
+        one). `dcgen.load_model(folder)` and `DCDiTPipeline.from_pretrained(folder)` read it back
+        bit for bit. Keyword arguments of diffusers' method (push_to_hub, variant, ...) are not
+        supported: push with `dcgen export ... push_to_hub=` or `huggingface_hub.upload_folder`."""
+        import diffusers
+
+        from .io import PIPELINE_INDEX, PIPELINE_TRANSFORMER, export_model
+        from .models import unwrap
+        from .run import atomic_write_text
+        if kwargs:
+            raise TypeError(f"DCDiTPipeline.save_pretrained takes no {', '.join(sorted(kwargs))}")
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        export_model(self.transformer, out / PIPELINE_TRANSFORMER)
+        self.scheduler.save_pretrained(str(out / "scheduler"))
+        if self.vae is not None:
+            self.vae.save_pretrained(str(out / "vae"))
+        index = {"_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__,
+                 "latent_scale": float(self.config.latent_scale),
+                 "cfg_channels": str(self.config.cfg_channels),
+                 "transformer": ["dcgen", type(unwrap(self.transformer)).__name__],
+                 "scheduler": ["diffusers", type(self.scheduler).__name__],
+                 "vae": ["diffusers", type(self.vae).__name__] if self.vae is not None else [None, None]}
+        atomic_write_text(out / PIPELINE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None,
+                        **kwargs) -> "DCDiTPipeline":
+        """The pipeline `save_pretrained` wrote (a local folder). The folder is untrusted: the
+        index must name DCDiTPipeline, one of the schedulers of `PIPELINE_SCHEDULERS` and an
+        AutoencoderKL or no VAE; the transformer loads through `dcgen.load_model` (dcgen's model
+        classes only, keys and shapes checked)."""
+        from diffusers import AutoencoderKL
+
+        from .io import PIPELINE_INDEX, PIPELINE_TRANSFORMER, load_model, read_config_file
+        from .validate import ConfigError
+        if kwargs:
+            raise TypeError(f"DCDiTPipeline.from_pretrained takes no {', '.join(sorted(kwargs))}")
+        root = Path(path)
+        where = root / PIPELINE_INDEX
+        index = read_config_file(where, "json")
+
+        def refuse(key):
+            return ConfigError(f"{where}: refusing {key}={index.get(key)!r}")
+        if index.get("_class_name") != cls.__name__:
+            raise refuse("_class_name")
+        sched = index.get("scheduler")
+        if not (isinstance(sched, list) and len(sched) == 2 and sched[0] == "diffusers"
+                and sched[1] in PIPELINE_SCHEDULERS):
+            raise refuse("scheduler")
+        vae_entry = index.get("vae", [None, None])
+        if vae_entry not in ([None, None], ["diffusers", "AutoencoderKL"]):
+            raise refuse("vae")
+        scale, channels = index.get("latent_scale"), index.get("cfg_channels")
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < 1e4):
+            raise refuse("latent_scale")
+        if channels not in ("all", "legacy3"):
+            raise refuse("cfg_channels")
+        model = load_model(root / PIPELINE_TRANSFORMER, device=device, dtype=dtype)
+        scheduler = PIPELINE_SCHEDULERS[sched[1]].from_pretrained(str(root / "scheduler"))
+        betas = scheduler.config.get("trained_betas")
+        if isinstance(scheduler, (DDPMScheduler, DDIMScheduler)) and betas is not None:
+            # the float64 ᾱ table make_scheduler gave it (the config stores the betas only)
+            scheduler.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+        vae = AutoencoderKL.from_pretrained(str(root / "vae")) if vae_entry[0] else None
+        pipe = cls(transformer=model, scheduler=scheduler, vae=vae, latent_scale=float(scale),
+                   cfg_channels=channels)
+        return pipe.to(device)
+
     # ---- sampling ----
 
     def _sample_shape(self, B: int) -> tuple[int, ...]:
         m = self.transformer
-        return (B, m.in_channels, *(g * p for g, p in zip(m.grid, m.patch)))
+        return (B, m.in_channels, *(g * p for g, p in zip(m.token_grid, m.patch)))
 
     @torch.no_grad()
     def decode_latents(self, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
@@ -434,7 +512,7 @@ class DCDiTPipeline(DiffusionPipeline):
         if return_boundary_maps:
             result = DCDiTPipelineOutput(images=images, boundary_maps=maps if maps else None,
                                          kept_fraction=torch.stack(kept, 1), timesteps=ts,
-                                         token_grid=tuple(getattr(model, "grid", ())))
+                                         token_grid=tuple(getattr(model, "token_grid", ())))
         return result if return_dict else result.to_tuple()
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .diffusion.gaussian import host_to_device
+from .diffusion.objective import check_objective
+from .rng import host_to_device
 from .run import SAMPLE_CONFIG_FILE, Run
 from .diffusion.guidance import conditional_net
 
@@ -68,9 +69,8 @@ def check_request(objective, task, num_samples: int, steps, sampler: str, labels
     num_classes) and no more of them than samples, a seed torch accepts."""
     if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
         raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
-    check = getattr(objective, "check_sampler", None)
-    if check is not None:
-        check(steps, sampler)
+    check_objective(objective)
+    objective.check_sampler(steps, sampler)
     if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63):
         raise ValueError(f"seed={seed!r}: expected an integer in [0, 2**63)")
     if labels is not None:
@@ -175,7 +175,7 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
             f"sampling produced {bad} non-finite values of {samples.numel()} (sampler={sampler}, "
             f"steps={steps}, cfg_scale={cfg_scale}); nothing was written")
     result = {"samples": samples, "labels": labels, "seconds": time.time() - t0,
-              "grid": getattr(model, "grid", tuple(task.grid))}
+              "token_grid": tuple(model.token_grid)}
     if record:
         result.update(ts=rec["ts"], kept=torch.cat(rec["kept"]), mean_p=torch.cat(rec["mean_p"]),
                       maps=rec["maps"])
@@ -193,7 +193,7 @@ def write_boundary_outputs(result: dict, task, out_dir: Path) -> list[Path]:
     if result.get("maps"):
         calls = sorted(result["maps"])
         n_maps = result["maps"][calls[0]][0].shape[0]
-        grid = tuple(result["grid"])
+        grid = tuple(result["token_grid"])
         kept_all = result["kept"]
         for s in range(n_maps):
             probs = [result["maps"][c][0][s].numpy() for c in calls]
@@ -208,7 +208,7 @@ def write_boundary_outputs(result: dict, task, out_dir: Path) -> list[Path]:
         ts = result["ts"]
         written.append(viz.kept_fraction_plot(ts, kept.mean(0), out_dir / "kept_fraction_vs_t.png",
                                               per_sample=kept))
-        L = int(np.prod(result["grid"]))
+        L = int(np.prod(result["token_grid"]))
         stats = {"timesteps": ts, "kept_fraction_mean": kept.mean(0).tolist(),
                  "kept_fraction_std": kept.std(0).tolist(),
                  "mean_p": result["mean_p"].numpy().mean(0).tolist(),

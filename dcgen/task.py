@@ -9,26 +9,11 @@ model sees *before* patching; the model's patch size turns it into its token gri
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-
-
-# Per-item randomness for datasets: a function of (seed, purpose, item, epoch), never of the global
-# RNG, so every process count, worker count and resume draws the same augmentations.
-
-def draw_seed(seed: int, purpose: str, item: int, epoch: int = 0) -> int:
-    """A 63-bit seed for one item's draw. Hashing (rather than seed*K + item arithmetic) keeps
-    streams of different seeds, items and epochs from colliding."""
-    key = f"dcgen/{purpose}/{int(seed)}/{int(item)}/{int(epoch)}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-
-def item_generator(seed: int, purpose: str, item: int, epoch: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(draw_seed(seed, purpose, item, epoch))
 
 
 def item_key(key) -> tuple[int, int]:
@@ -104,8 +89,3 @@ class Task:
                 "num_classes": self.num_classes}
 
 
-def check_grid(grid: Sequence[int]) -> tuple[int, ...]:
-    grid = tuple(int(g) for g in grid)
-    if not 1 <= len(grid) <= 3 or any(g < 1 for g in grid):
-        raise ValueError(f"grid must have rank 1-3 and positive sides, got {grid}")
-    return grid

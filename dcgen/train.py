@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import latest_checkpoint, resume, resume_candidates, save_checkpoint, set_rng_state
-from .diffusion.gaussian import host_to_device
+from .checkpoint import latest_checkpoint, resume, resume_candidates, save_checkpoint
+from .diffusion.objective import check_objective
 from .ema import EMA
 from .models import DCDiT
+from .rng import host_to_device, set_rng_state
 from .run import Run
 
 log = logging.getLogger("dcgen.train")
@@ -95,7 +96,7 @@ def step_randomness(seed: int, rows: range, sample_shape, objective, p_drop: flo
     process's micro-batch: q = step * G + j). Each row draws from its own generator, seeded by
     (seed, q), so the draw is identical for any number of processes and micro-batches, and a
     process draws only its own rows: the per-step cost falls as processes are added."""
-    from .task import item_generator
+    from .rng import item_generator
     t, noise, drop = [], [], []
     for q in rows:
         g = item_generator(seed, "train-step", q)
@@ -143,7 +144,7 @@ def resolve_mixed_precision(choice: str | None) -> str | None:
     null: the launcher's setting if there is one (`accelerate launch --mixed_precision`, an
     accelerate config file, ACCELERATE_MIXED_PRECISION), else `auto`. auto: bf16 where native,
     else "no". An explicit value wins over the launcher's."""
-    from .validate import ConfigError
+    from .validate import MIXED_PRECISION, ConfigError
     if choice is None:
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
         if launcher:
@@ -152,12 +153,9 @@ def resolve_mixed_precision(choice: str | None) -> str | None:
             choice = "auto"
     if choice is not None:
         resolved = choice if choice != "auto" else ("bf16" if native_bf16() else "no")
-    if resolved == "fp16":
-        raise ConfigError("mixed precision fp16 is not supported (no loss-scaled path is tested; the "
-                          "fp16 range overflows in the backbone): use bf16 on GPUs that run it "
-                          "natively, or no")
-    if resolved not in ("no", "bf16", "fp8"):
-        raise ConfigError(f"mixed precision '{resolved}': expected no or bf16")
+    if not MIXED_PRECISION.check(resolved):  # the rule `validate` applies to the config key
+        raise ConfigError(f"mixed precision {resolved!r} (from {'the launcher' if choice is None else 'the config'}): "
+                          f"expected {MIXED_PRECISION.expected}")
     return None if choice is None else resolved
 
 
@@ -453,7 +451,8 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     model = build_model(cfg, task)
     is_dc = isinstance(model, DCDiT)
     objective = build(cfg.objective, "objective", where, trusted=trusted)
-    if getattr(objective, "learn_sigma", False) and model.out_channels != 2 * task.channels:
+    check_objective(objective, where)
+    if objective.learn_sigma and model.out_channels != 2 * task.channels:
         raise ValueError("objective learns sigma but the model has learn_sigma: false "
                          "(set model.learn_sigma=true or objective.learn_sigma=false, loss=mse)")
     p_drop = float(tc.label_dropout) if task.num_classes > 0 else 0.0
@@ -507,7 +506,7 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
         if rng is not None:
             set_rng_state(rng["global"])
         else:  # written by another number of processes (the rule in docs/configs.md)
-            from .task import draw_seed
+            from .rng import draw_seed
             torch.manual_seed(draw_seed(cfg.seed, "resume-rng", start_step, rank))
             if is_main:
                 log.warning("%s was written by %s process(es), this run has %d: the global batch, data "

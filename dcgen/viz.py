@@ -108,7 +108,7 @@ def save_signal_plot(signals: Any, path: str | Path, titles: Sequence[str] | Non
         ax.tick_params(labelsize=6)
         if titles is not None:
             ax.set_title(str(titles[i]), fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def save_volume_slices(volumes: Any, path: str | Path, titles: Sequence[str] | None = None
@@ -142,10 +142,10 @@ def save_volume_slices(volumes: Any, path: str | Path, titles: Sequence[str] | N
             if titles is not None and a == 0:
                 label = f"{titles[i]}  {label}"
             ax.set_title(label, fontsize=7)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
-def _save_figure(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -275,7 +275,7 @@ def boundary_map_figure(frames: Sequence[Any] | None, probs: Sequence[Any], grid
     fig.colorbar(im, ax=axes[rows - 1, :].tolist(), shrink=0.8, label="boundary prob p")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def kept_fraction_plot(ts: Sequence[float], fractions: Sequence[float], path: str | Path,
@@ -311,7 +311,7 @@ def kept_fraction_plot(ts: Sequence[float], fractions: Sequence[float], path: st
         ax.legend(fontsize=7, loc="best")
     if title:
         ax.set_title(title, fontsize=9)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

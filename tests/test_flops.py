@@ -212,7 +212,7 @@ def test_dcdit_matches_torch_flop_counter(grid, kw, monkeypatch):
     with torch.no_grad():
         (_, aux), mat, attn = counted_flops(lambda: m(x, t, y, tail_drop=rho), monkeypatch)
     counts = aux[0].kept_counts
-    L = math.prod(m.grid)
+    L = math.prod(m.token_grid)
     assert 1 <= counts.min() and counts.max() < L  # routing is non-trivial
     f = model_flops(m, kept_counts=counts, dechunk="executed", count_residual_proj=True)
     blk = m.blocks[0].attn

@@ -78,6 +78,8 @@ def test_auto_is_fp32_without_a_native_bf16_gpu(monkeypatch):
 @pytest.mark.parametrize("env,args,needle", [
     ({}, ["train.mixed_precision=fp16"], "fp16"),
     ({"ACCELERATE_MIXED_PRECISION": "fp16"}, [], "fp16"),
+    ({}, ["train.mixed_precision=fp8"], "fp8"),  # validate and the loop refuse the same values
+    ({"ACCELERATE_MIXED_PRECISION": "fp8"}, [], "fp8"),
     ({"ACCELERATE_USE_FSDP": "true"}, [], "FSDP"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed"),
 ])

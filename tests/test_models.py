@@ -153,7 +153,7 @@ def test_patch_sizes_and_unpatchify(grid, patch):
         x, t, y = inputs(grid)
         out, aux = m(x, t, y)
         assert out.shape == (4, 6, *grid)
-        assert aux[0].boundary_prob.shape[1] == G.numel(m.grid)
+        assert aux[0].boundary_prob.shape[1] == G.numel(m.token_grid)
 
 
 def test_unpatchify_layout_matches_dit_order():
@@ -343,7 +343,7 @@ def test_backbone_input_is_encoder_tokens_plus_pos_embed_at_grid_coordinates(gri
         _, aux = m(x, t, y, tail_drop=torch.tensor([0.0, 0.3, 0.5]))
     h1.remove(), h2.remove()
     kept = aux[0].kept_mask  # (B, L)
-    pe = G.sincos_pos_embed(m.grid, m.pos_embed.shape[-1])  # independent of the model's buffer
+    pe = G.sincos_pos_embed(m.token_grid, m.pos_embed.shape[-1])  # independent of the model's buffer
     want = []
     for b in range(kept.shape[0]):
         pos = kept[b].nonzero().flatten()  # raster order

@@ -48,7 +48,7 @@ class Denoiser(nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net = net
-        for k in ("num_classes", "in_channels", "out_channels", "grid", "patch"):
+        for k in ("num_classes", "in_channels", "out_channels", "token_grid", "patch"):
             setattr(self, k, getattr(net, k))
 
     def forward(self, x, t, y=None, tail_drop=0.0):
@@ -186,7 +186,7 @@ def test_boundary_maps_are_the_conditional_rows(objective):
                tail_drop_uncond=0.9, generator=torch.Generator().manual_seed(0),
                return_boundary_maps=True, output_type="latent",
                callback=lambda i, t, x, o, aux: seen.append((t, x.clone())))
-    L = int(np.prod(net.grid))
+    L = int(np.prod(net.token_grid))
     assert len(out.boundary_maps) == 6 and len(seen) == 6
     assert all(m.shape == (3, L) for m in out.boundary_maps)
     assert out.kept_fraction.shape == (3, 6) and out.timesteps == [t for t, _ in seen]
@@ -294,3 +294,51 @@ def test_dcgen_sample_runs_dpm_solver_in_20_steps(tmp_path):
     assert len(stats["timesteps"]) == 20 and stats["num_samples"] == 3
     samples = np.load(out / "samples_model_space.npy")
     assert samples.shape == (3, 3, 8, 8) and np.isfinite(samples).all()
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind,with_vae", [("ddpm", True), ("dpm++", False)])
+def test_save_pretrained_load_model_save_pretrained_is_bit_exact(tmp_path, kind, with_vae):
+    """The pipeline folder is symmetric: save -> dcgen.load_model -> save gives the same bytes,
+    and DCDiTPipeline.from_pretrained samples exactly as the saved pipeline did."""
+    import dcgen
+    net = tiny_dcdit(in_channels=4 if with_vae else C, seed=3)
+    objective = GaussianDiffusion(num_timesteps=500, beta_schedule="cosine")
+    pipe = DCDiTPipeline(transformer=net, scheduler=make_scheduler(kind, objective),
+                         vae=tiny_vae() if with_vae else None, latent_scale=0.5)
+    pipe.save_pretrained(tmp_path / "a")
+    back = dcgen.load_model(tmp_path / "a")  # the transformer of a pipeline folder
+    assert type(back) is DCDiT
+    a, b = net.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = DCDiTPipeline(transformer=back, scheduler=make_scheduler(kind, objective),
+                          vae=tiny_vae() if with_vae else None, latent_scale=0.5)
+    again.save_pretrained(tmp_path / "b")
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert fa.keys() == fb.keys() and "transformer/config.json" in fa and "model_index.json" in fa
+    assert all(fa[k] == fb[k] for k in fa), [k for k in fa if fa[k] != fb[k]]
+    loaded = DCDiTPipeline.from_pretrained(tmp_path / "a")
+    assert type(loaded.scheduler) is type(pipe.scheduler) and loaded.config.latent_scale == 0.5
+    assert torch.equal(loaded.scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
+    for p in (pipe, loaded):
+        p.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="latent")
+    x = pipe(LABELS, generator=torch.Generator().manual_seed(0), **kw).images
+    y = loaded(LABELS, generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(x, y)
+
+
+def test_a_pipeline_folder_naming_another_class_is_refused(tmp_path):
+    import json
+    pipe = DCDiTPipeline(transformer=tiny_dcdit(), scheduler=make_scheduler("ddim"))
+    pipe.save_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    for key, bad in (("scheduler", ["diffusers", "FlaxDDPMScheduler"]), ("scheduler", ["os", "system"]),
+                     ("vae", ["diffusers", "UNet2DModel"]), ("_class_name", "StableDiffusionPipeline"),
+                     ("latent_scale", "0.5"), ("cfg_channels", "${oc.env:HOME}")):
+        (tmp_path / "p" / "model_index.json").write_text(json.dumps({**index, key: bad}))
+        with pytest.raises(ValueError, match=f"refusing {key}="):
+            DCDiTPipeline.from_pretrained(tmp_path / "p")

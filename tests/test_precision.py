@@ -42,7 +42,7 @@ def fix_routing(model, B, density=0.3, seed=0):
     """Replace the router's p by a fixed target (p + (target - p).detach(): the router still runs
     and gets gradients) whose values stay >= 0.005 from 0.5, so two forwards at different
     precisions keep the same tokens and compare arithmetic, not a routing flip."""
-    grid = tuple(model.grid)
+    grid = tuple(model.token_grid)
     L = G.numel(grid)
     gen = torch.Generator().manual_seed(seed)
     target = torch.rand(B, L, generator=gen) * 0.49 + 0.005  # (0.005, 0.495)

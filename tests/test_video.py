@@ -200,7 +200,7 @@ def test_train_dcdit_on_latent_grid_and_sample_mp4(prepared, tmp_path):
                             "train.global_batch_size=4", "train.sample_every=0",
                             "train.ckpt_every=0", "dc.ratio_group_size=4", f"run_dir={rd}"])
     _, model, _ = train(cfg, return_model=True)
-    assert model.grid == (FRAMES, SIZE // 8, SIZE // 8) and model.in_channels == 4
+    assert model.token_grid == (FRAMES, SIZE // 8, SIZE // 8) and model.in_channels == 4
 
     # the video model config with per-axis options runs forward/backward on the same grid
     from hydra.utils import instantiate

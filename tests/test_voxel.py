@@ -260,7 +260,7 @@ def test_train_sample_and_write_meshes(tmp_path, mesh_root, task16):
                             "dc.ratio_group_size=4", "train.ema_decay=0.9",
                             f"run_dir={tmp_path / 'run'}"])
     _, model, ema = train(cfg, return_model=True)
-    assert model.grid == (8, 8, 8)  # 16^3 voxels at patch 2
+    assert model.token_grid == (8, 8, 8)  # 16^3 voxels at patch 2
     task = instantiate(cfg.task, _convert_="all")
     obj = instantiate(cfg.objective, _convert_="all")
     res = generate(ema, obj, task, num_samples=2, steps=3, seed=1)

@@ -416,7 +416,7 @@ class KeptFraction:
 
     def __init__(self, model: DCDiT, mode: str, fracs: list[float], x, t, y):
         self.mode, self.handle = mode, None
-        grid = tuple(model.grid)
+        grid = tuple(model.token_grid)
         if mode == "mask":
             target = fixed_target_probs(grid, fracs).to(x.device)
 

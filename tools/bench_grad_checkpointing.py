@@ -46,7 +46,7 @@ terms, aux = obj.training_losses(model, x, y, t=t, noise=noise)
 terms["loss"].mean().backward()
 dt = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-kept = float(aux[0].kept_counts.float().mean()) if aux else float(model.grid[0] * model.grid[1])
+kept = float(aux[0].kept_counts.float().mean()) if aux else float(model.token_grid[0] * model.token_grid[1])
 grad_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 print(json.dumps({"step_growth_mb": (peak - before) / 1024, "grad_mb": grad_mb,
                   "activation_mb": (peak - before) / 1024 - grad_mb, "peak_mb": peak / 1024, "seconds": dt,

@@ -27,7 +27,7 @@ def budget_plot(curves: dict, path: Path) -> Path:
     """Mean kept fraction against t, one line per budget (x axis noisy -> clean)."""
     from matplotlib.figure import Figure
 
-    from dcgen.viz import _save_figure
+    from dcgen.viz import save_figure
     fig = Figure(figsize=(5.0, 3.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     for rho, (ts, kept) in sorted(curves.items()):
@@ -40,7 +40,7 @@ def budget_plot(curves: dict, path: Path) -> Path:
     ax.set_ylabel("kept token fraction")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

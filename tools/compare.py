@@ -83,11 +83,11 @@ def evaluate_point(model, objective, task, args, reference: Path | None, tail_dr
     labels = None
     if task.num_classes:
         labels = [i % task.num_classes for i in range(args.num_samples)]
-    guided = cfg_scale != 1 and bool(task.num_classes)
+    from dcgen.diffusion.guidance import cfg_branches
     res = generate(model, objective, task, num_samples=args.num_samples, steps=args.sample_steps,
                    sampler=args.sampler, cfg_scale=cfg_scale, tail_drop=tail_drop, labels=labels,
                    seed=seed, batch_size=args.batch_size, record=True, map_samples=0,
-                   flop_fn=dc_step_recorder(model, 2 if guided else 1) if is_dc else None)
+                   flop_fn=dc_step_recorder(model, cfg_branches(task.num_classes, cfg_scale)) if is_dc else None)
     images = task.decode(res["samples"])
     row = {"tail_drop": tail_drop, "cfg_scale": cfg_scale, "num_samples": args.num_samples}
     lab = res["labels"]

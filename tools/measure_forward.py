@@ -34,7 +34,7 @@ def main(argv=None):
     torch.manual_seed(0)
     node = {**config_node(f"dcdit_{args.size.lower()}"), "patch_size": args.patch}
     model = build(node, input_size=list(args.grid), in_channels=args.channels, num_classes=0).to(dev).eval()
-    grid = model.grid
+    grid = model.token_grid
 
     gen = torch.Generator().manual_seed(1)
     orig = R.finish_probs
@@ -61,7 +61,7 @@ def main(argv=None):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     seconds = time.perf_counter() - t0
     L = aux[0].boundary_prob.shape[1]
-    D = kw["hidden_size"]
+    D = model.config["hidden_size"]
     res = {"model": f"DC-DiT-{args.size}", "input": [args.channels, *args.grid], "patch": args.patch,
            "token_grid": list(grid), "L": L, "kept_mean": float(aux[0].kept_counts.float().mean()),
            "batch": args.batch, "seconds": round(seconds, 2), "peak_MiB": round(peak / 2**20, 1),

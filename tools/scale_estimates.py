@@ -47,7 +47,7 @@ def build_meta(name: str, grid, channels: int):
 def forward_macs(model, kept_fraction: float) -> float:
     from dcgen.flops import per_sample_macs
     from dcgen.models import DCDiT
-    L = math.prod(model.grid)
+    L = math.prod(model.token_grid)
     counts = torch.tensor([max(2.0, round(kept_fraction * L))]) if isinstance(model, DCDiT) else None
     return float(per_sample_macs(model, counts, batch=1)["total"][0])
 

@@ -124,8 +124,7 @@ def tail_drop_mask(p: torch.Tensor, natural: torch.Tensor, rho, grid: G.Grid,
     rho = torch.as_tensor(rho, dtype=torch.float32, device=p.device).expand(B)
     n_nat = natural.sum(1)  # (B,)
     n_drop = torch.floor(rho * n_nat.float()).long()  # fp32 product, truncated (as [R])
-    forced = torch.zeros(L, dtype=torch.bool, device=p.device)
-    forced[0] = forced[L - 1] = True
+    forced = G.forced_mask(L, p.device)
     if protect_forced:
         ranked = natural & ~forced
         n_forced = (natural & forced).sum(1)

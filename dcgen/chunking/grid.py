@@ -66,6 +66,14 @@ def corner_indices(grid: Grid) -> tuple[int, ...]:
     return (0,) if L == 1 else (0, L - 1)
 
 
+def forced_mask(L: int, device=None) -> torch.Tensor:
+    """(L,) bool, True at `corner_indices` of a grid of L positions: the one definition the
+    router and tail dropping use (built on the device: no host index tensor copied over)."""
+    forced = torch.zeros(L, dtype=torch.bool, device=device)
+    forced[0] = forced[L - 1] = True
+    return forced
+
+
 # --------------------------------------------------------------------------------------------
 # Convolutions by rank
 # --------------------------------------------------------------------------------------------

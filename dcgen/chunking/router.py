@@ -25,8 +25,7 @@ class RoutingModuleOutput:
 def finish_probs(p: torch.Tensor, grid: G.Grid) -> RoutingModuleOutput:
     """Force the corners, threshold strictly at 0.5, and form the natural confidence."""
     B, L = p.shape
-    forced = torch.zeros(L, dtype=torch.bool, device=p.device)
-    forced[0] = forced[L - 1] = True  # no host index tensor copied to the device
+    forced = G.forced_mask(L, p.device)
     # torch.where sends no gradient to the replaced entries, so the forced logits get none
     p = torch.where(forced, torch.ones((), device=p.device, dtype=p.dtype), p)
     mask = p > 0.5

@@ -46,7 +46,7 @@ def map_diffusers_dit_state(sd: dict, config: dict, where: str = "diffusers DiT"
 
     diffusers keeps one copy of the timestep/label embedder per block (all equal after its own
     conversion from the original DiT); they must agree, since a DiT has one."""
-    from ..io import _listing
+    from ..io import listing
     if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
         raise ValueError(f"{where}: norm_type {config.get('norm_type')!r} is not a class-conditional "
                          "DiT (ada_norm_zero)")
@@ -98,7 +98,7 @@ def map_diffusers_dit_state(sd: dict, config: dict, where: str = "diffusers DiT"
     move("final_layer.linear", "proj_out_2")
     left = sorted(set(sd) - used)
     if left:
-        raise ValueError(f"{where}: tensors with no place in a DiT: {_listing(left)}")
+        raise ValueError(f"{where}: tensors with no place in a DiT: {listing(left)}")
     return kwargs, mapped
 
 
@@ -154,16 +154,13 @@ def load_dit_teacher(source, device="cpu", num_heads: int | None = None):
 # Initialisation
 # --------------------------------------------------------------------------------------------
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from ..io import _unwrap as unwrap
-    return unwrap(model)
-
 
 def init_from_dit(model: nn.Module, teacher: nn.Module, freeze_embedders: bool = True) -> dict:
     """Copy the teacher's DiT blocks and t/y embedders into `model` (a DC-DiT) in place.
     Raises ValueError naming the first dimension that differs. Returns a small report."""
     from ..models import DCDiT, DiT
-    model, teacher = _unwrap(model), _unwrap(teacher)
+    from ..models import unwrap
+    model, teacher = unwrap(model), unwrap(teacher)
     if not isinstance(model, DCDiT):
         raise ValueError(f"init.from_dit upcycles into a DC-DiT; the model is a {type(model).__name__}")
     if not isinstance(teacher, DiT):
@@ -220,23 +217,17 @@ def distill_terms(objective, student, teacher, x0: torch.Tensor, y=None, t=None,
     flow time s in [0, 1], x_s = interpolate(x0, s, noise). Missing t / noise are drawn from
     `generator`. The student runs at `tail_drop` (multi-budget warm-up); the teacher keeps every
     token."""
-    from ..diffusion.gaussian import randint, randn
+    from ..diffusion.objective import check_objective
+    from ..rng import host_to_device, randn
+    check_objective(objective, "distillation")
     B, C = x0.shape[0], x0.shape[1]
     if noise is None:
         noise = randn(x0.shape, generator, x0.device, x0.dtype)
-    if hasattr(objective, "q_sample"):  # Gaussian diffusion
-        if t is None:
-            t = randint(objective.num_timesteps, (B,), generator, x0.device)
-        t = torch.as_tensor(t, device=x0.device).long()
-        x_t = objective.q_sample(x0, t, noise)
-    elif hasattr(objective, "interpolate"):  # flow matching
-        if t is None:
-            t = objective.sample_s(B, generator, x0.device)
-        t = torch.as_tensor(t, device=x0.device, dtype=x0.dtype)
-        x_t = objective.interpolate(x0, t, noise)
-    else:
-        raise ValueError(f"distillation needs a GaussianDiffusion or FlowMatching objective, got "
-                         f"{type(objective).__name__}")
+    if t is None:
+        t = objective.draw_timesteps(B, generator)
+    t = host_to_device(torch.as_tensor(t), x0.device)
+    t = t.to(x0.dtype) if t.is_floating_point() else t.long()  # flow times / integer steps
+    x_t = objective.noised(x0, t, noise)
     t_model = objective.model_timesteps(t)
     out, aux = student(x_t, t_model, y, tail_drop=tail_drop)  # (B, 2C|C, *G)
     with torch.no_grad():

@@ -8,6 +8,7 @@ sampler works with it unchanged.
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion, space_timesteps
 from .guidance import GuidedModel, guided_model
+from .objective import Objective
 
 
 def build_objective(name: str, **kw):
@@ -20,4 +21,4 @@ def build_objective(name: str, **kw):
 
 
 __all__ = ["GaussianDiffusion", "FlowMatching", "guided_model", "GuidedModel", "space_timesteps",
-           "build_objective"]
+           "build_objective", "Objective"]

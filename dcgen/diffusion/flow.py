@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from .gaussian import _progress, call_model, mean_flat, rand, randn
+from ..rng import rand, randn
+from .common import call_model, mean_flat, progress_bar
 
 T_SCALE = 999.0  # s ∈ [0, 1] -> model timestep s·999 ∈ [0, 999]
 
@@ -55,9 +56,15 @@ class FlowMatching:
 
     time_range = 1.0  # training times s lie in [0, 1]
 
+    learn_sigma = False  # flow predicts the velocity alone
+
     def draw_timesteps(self, B: int, generator=None) -> torch.Tensor:
         """The training times of B samples, (B,) float, drawn through `generator`."""
         return self.sample_s(B, generator)
+
+    def noised(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """The training input x_s at flow times s = t (`interpolate`)."""
+        return self.interpolate(x0, torch.as_tensor(t, device=x0.device, dtype=x0.dtype), noise)
 
     @staticmethod
     def model_calls(steps: int, method: str) -> int:
@@ -150,7 +157,7 @@ class FlowMatching:
             calls += 1
             return out[:, :C]
 
-        for k in _progress(range(steps), progress, steps):
+        for k in progress_bar(range(steps), progress, steps):
             s, s_next = grid[k], grid[k + 1]
             ds = s_next - s                                                       # < 0
             v = velocity(x, s)

@@ -20,67 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-# --------------------------------------------------------------------------------------------
-# Small helpers (also used by flow.py)
-# --------------------------------------------------------------------------------------------
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every non-batch dimension: (B, ...) -> (B,)."""
-    return x.reshape(x.shape[0], -1).mean(dim=1)
-
-
-def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal draw through `generator` if given.
-
-    The draw happens on the generator's own device and is then moved, so one CPU generator gives
-    the same numbers whether the model runs on CPU or GPU (reproducible sample sets).
-    """
-    gdev = generator.device if generator is not None else device
-    return host_to_device(torch.randn(tuple(shape), generator=generator, device=gdev, dtype=dtype), device)
-
-
-def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """Move a draw to `device`; a host draw goes to a GPU through pinned memory, non-blocking
-    (a pageable copy would stall the host every sampling step)."""
-    device = torch.device(device) if device is not None else t.device
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def rand(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Uniform [0, 1) draw through `generator` if given (see `randn`)."""
-    gdev = generator.device if generator is not None else device
-    return host_to_device(torch.rand(tuple(shape), generator=generator, device=gdev, dtype=dtype), device)
-
-
-def randint(high: int, shape, generator=None, device=None) -> torch.Tensor:
-    """Uniform integers in [0, high) through `generator` if given (see `randn`)."""
-    gdev = generator.device if generator is not None else device
-    return host_to_device(torch.randint(0, high, tuple(shape), generator=generator, device=gdev), device)
-
-
-def call_model(model, x, t, y, tail_drop=None, model_kwargs=None):
-    """Call `model(x, t, y, tail_drop=...)`; tail_drop is only passed when given.
-
-    Leaving it out lets a wrapper (e.g. `guided_model`) apply its own per-branch budgets.
-    """
-    kw = dict(model_kwargs or {})
-    if tail_drop is not None:
-        kw["tail_drop"] = tail_drop
-    res = model(x, t, y, **kw)
-    if not (isinstance(res, tuple) and len(res) == 2):
-        raise ValueError("model must return a pair (out, aux)")
-    return res
-
-
-def _progress(it, enabled: bool, total: int | None = None):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, total=total)
-
+from ..rng import randint, randn
+from .common import call_model, mean_flat, progress_bar
 
 # --------------------------------------------------------------------------------------------
 # Gaussian log-densities (closed forms)
@@ -466,7 +407,7 @@ class GaussianDiffusion:
         device = noise.device if (device is None and noise is not None) else device
         x = self._init_noise(shape, noise, generator, device, dtype)              # (B, C, *G)
         B, K = x.shape[0], diff.num_timesteps
-        for i, ti in enumerate(_progress(range(K - 1, -1, -1), progress, K)):
+        for i, ti in enumerate(progress_bar(range(K - 1, -1, -1), progress, K)):
             t = torch.full((B,), ti, dtype=torch.long, device=x.device)
             p = diff.p_mean_variance(model, x, t, y, model_kwargs, clip_denoised)
             if callback is not None:
@@ -494,7 +435,7 @@ class GaussianDiffusion:
         device = noise.device if (device is None and noise is not None) else device
         x = self._init_noise(shape, noise, generator, device, dtype)
         B, C, K = x.shape[0], x.shape[1], diff.num_timesteps
-        for i, ti in enumerate(_progress(range(K - 1, -1, -1), progress, K)):
+        for i, ti in enumerate(progress_bar(range(K - 1, -1, -1), progress, K)):
             t = torch.full((B,), ti, dtype=torch.long, device=x.device)
             out, aux = call_model(model, x, diff.model_timesteps(t), y, None, model_kwargs)
             if callback is not None:
@@ -524,6 +465,10 @@ class GaussianDiffusion:
     def draw_timesteps(self, B: int, generator=None) -> torch.Tensor:
         """The training timesteps of B samples, (B,) int64, drawn through `generator`."""
         return randint(self.num_timesteps, (B,), generator)
+
+    def noised(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """The training input x_t at integer timesteps t (`q_sample`)."""
+        return self.q_sample(x0, torch.as_tensor(t, device=x0.device).long(), noise)
 
     @staticmethod
     def model_calls(steps: int, method: str) -> int:

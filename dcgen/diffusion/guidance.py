@@ -48,6 +48,13 @@ def check_tail_drop(rho, name: str = "tail_drop") -> None:
         raise ValueError(f"{name} must lie in [0, 1), got {shown}")
 
 
+def cfg_branches(num_classes: int, cfg_scale: float) -> int:
+    """Model rows per sample in one sampling step: 2 when classifier-free guidance doubles the
+    batch (a class-conditional model at cfg_scale != 1), else 1. The one place that decides it:
+    the guided call, the sampling FLOP count and the evaluation's memory plan all ask here."""
+    return 2 if num_classes > 0 and float(cfg_scale) != 1.0 else 1
+
+
 class GuidedModel:
     """Callable with the model interface; see the module docstring and `guided_model`."""
 
@@ -71,7 +78,7 @@ class GuidedModel:
             raise TypeError("the tail-drop budget of a guided model is set when it is wrapped "
                             "(guided_model(..., tail_drop=, tail_drop_uncond=)), not per call")
         rho_c = self.tail_drop
-        if self.cfg_scale == 1.0:
+        if cfg_branches(self.null_label + 1, self.cfg_scale) == 1:  # conditional by construction
             return self.model(x, t, y, tail_drop=rho_c, **kwargs)
         if y is None:
             raise ValueError("classifier-free guidance needs labels y (model is unconditional?)")
@@ -105,7 +112,7 @@ def conditional_net(model, num_classes: int, cfg_scale: float = 1.0, cfg_channel
     if num_classes > 0:
         return guided_model(model, cfg_scale, null_label=num_classes, cfg_channels=cfg_channels,
                             tail_drop=tail_drop, tail_drop_uncond=tail_drop_uncond)
-    if cfg_scale != 1.0:
+    if float(cfg_scale) != 1.0:
         raise ValueError("guidance (cfg_scale != 1) needs a class-conditional model (this one has "
                          "num_classes=0)")
     check_tail_drop(tail_drop, "tail_drop")

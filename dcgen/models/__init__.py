@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch.nn as nn
+
 from .dcdit import DCDiT, StageAux
 from .dit import DiT
 
@@ -19,16 +21,28 @@ MODULE = "dcgen.models"
 REMOVED_ARGS = ("class_dropout_prob",)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP/FSDP and torch.compile wrappers."""
+    # DDP/FSDP wrappers keep the model in .module, torch.compile in ._orig_mod
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def describe(model) -> dict:
     """The model's description node: `_target_` and every constructor argument (resolved)."""
-    from ..io import _unwrap
-    model = _unwrap(model)
+    model = unwrap(model)
     if type(model) not in (DCDiT, DiT):
         raise ValueError(f"cannot describe a {type(model).__name__}: not a dcgen model (DCDiT, DiT)")
     return {"_target_": f"{MODULE}.{type(model).__name__}", **model.config}
 
 
-def _class(target) -> type:
+def model_class(target) -> type:
+    """The dcgen model class a `_target_` names (DCDiT or DiT), nothing else."""
     if not isinstance(target, str) or not target.startswith(MODULE + "."):
         raise ValueError(f"model _target_ {target!r}: a dcgen model is built only from "
                          f"{MODULE}.DCDiT or {MODULE}.DiT")
@@ -44,7 +58,7 @@ def build(node: Mapping, **fill):
     node = dict(node)
     if "arch" in node and "_target_" not in node:
         node = from_legacy(node)
-    cls = _class(node.pop("_target_", None))
+    cls = model_class(node.pop("_target_", None))
     for key, value in fill.items():
         if node.get(key) is None:
             node[key] = value

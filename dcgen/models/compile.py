@@ -117,11 +117,6 @@ class BackboneCompile:
         return hb[:T]  # the padding rows are dropped: no output, no gradient
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from ..io import _unwrap as unwrap
-    return unwrap(model)
-
-
 def compile_backbone(model: nn.Module, *, per_octave: int = 4, min_tokens: int = 64,
                      backend: str = "inductor", mode: str | None = None, options: dict | None = None,
                      dynamic: bool = False, enabled: bool = True,
@@ -138,7 +133,8 @@ def compile_backbone(model: nn.Module, *, per_octave: int = 4, min_tokens: int =
     Wrapped models (DDP, Accelerate) are unwrapped. Call it after creating the EMA copy (the
     EMA model should stay eager: it only samples).
     """
-    raw = _unwrap(model)
+    from . import unwrap
+    raw = unwrap(model)
     if not hasattr(raw, "blocks") or not hasattr(raw, "run_blocks"):
         raise ValueError(f"compile_backbone: {type(raw).__name__} has no DiT blocks to compile")
     if per_octave < 1 or per_octave & (per_octave - 1):

@@ -86,7 +86,7 @@ class DCDiT(ConditionedModel):
         self.class_embed_std = float(class_embed_std)
 
         self.x_embedder = PatchEmbedND(in_channels, De, self.patch, mode=patch_mode)
-        self.grid = self.x_embedder.token_grid(spatial)
+        self.token_grid = self.x_embedder.token_grid(spatial)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(num_classes, D) if num_classes > 0 else None
         # upcycling: new modules read LN(c) through a trainable adaptor (METHOD §9.1)
@@ -99,12 +99,12 @@ class DCDiT(ConditionedModel):
             if router == "predictability" else {}
         self.router = build_router(router, D, n, **rkw)
         self.chunk = ChunkLayer(protect_forced=tail_drop_protect_forced)
-        self.register_buffer("pos_embed", G.sincos_pos_embed(self.grid, D, pe_coord_scale),
+        self.register_buffer("pos_embed", G.sincos_pos_embed(self.token_grid, D, pe_coord_scale),
                              persistent=False)
         self.blocks = nn.ModuleList(
             DiTBlock(D, num_heads, mlp_ratio, attn_backend, attn_qkv_bf16) for _ in range(depth))
         self.backbone_norm = RMSNorm(D)
-        sigma = default_sigma(self.grid) if dechunk_sigma is None else dechunk_sigma
+        sigma = default_sigma(self.token_grid) if dechunk_sigma is None else dechunk_sigma
         self.dechunk = DeChunkLayer(sigma=sigma, plug_weights=plug_weights, smoothing=dechunk_smoothing)
         self.decoder = ConvStack([D] + [De] * decoder_depth, D, n, conv_kernel, norm_groups)
         self.final_layer = FinalLayer(De, D, G.numel(self.patch) * self.out_channels)
@@ -136,7 +136,7 @@ class DCDiT(ConditionedModel):
         # Precision (docs/design.md, "Precision under autocast"): convs and Linears in the
         # autocast dtype; router, de-chunk, residual projection and merge in fp32 with autocast
         # off; the backbone's residual stream in fp32.
-        grid = self.grid
+        grid = self.token_grid
         dev = x.device.type
         c = self.conditioning(t, y)  # (B, D)
         c_new = self.cond_adaptor(c) if self.cond_adaptor is not None else c

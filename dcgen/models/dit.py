@@ -176,7 +176,7 @@ class ConditionedModel(nn.Module, PyTorchModelHubMixin, library_name="dcgen",
         (in_channels, *input grid), the shapes of t and y, and labels outside [0, num_classes]
         (num_classes is the null label). Label values are read only from host tensors: on a GPU
         the read would stall the host every forward (generate() and the tasks check labels)."""
-        want = (self.in_channels, *(g * p for g, p in zip(self.grid, self.patch)))
+        want = (self.in_channels, *(g * p for g, p in zip(self.token_grid, self.patch)))
         if x.dim() != len(want) + 1 or tuple(x.shape[1:]) != want:
             raise ValueError(f"x has shape {tuple(x.shape)} but the model takes (B, {', '.join(map(str, want))})")
         B = x.shape[0]
@@ -227,10 +227,10 @@ class DiT(ConditionedModel):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes = num_classes
         self.x_embedder = PatchEmbedND(in_channels, hidden_size, self.patch, mode="dit")
-        self.grid = self.x_embedder.token_grid(spatial)
+        self.token_grid = self.x_embedder.token_grid(spatial)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
-        self.register_buffer("pos_embed", G.sincos_pos_embed(self.grid, hidden_size), persistent=False)
+        self.register_buffer("pos_embed", G.sincos_pos_embed(self.token_grid, hidden_size), persistent=False)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
         out = G.numel(self.patch) * self.out_channels
@@ -256,4 +256,4 @@ class DiT(ConditionedModel):
             c = self.conditioning(t, y)  # (B, D)
             h = self.run_blocks(h, c)  # (B, L, D)
             h = self.final_layer(h, c)  # (B, L, prod(P) * 2C), autocast dtype under autocast
-            return unpatchify(h, self.grid, self.patch, self.out_channels), []
+            return unpatchify(h, self.token_grid, self.patch, self.out_channels), []

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dcgen.metrics import adm_center_crop  # shared with the reference images of the metrics
-from dcgen.task import draw_seed, item_generator  # noqa: F401  (per-item randomness, shared)
+from dcgen.rng import item_generator  # noqa: F401  (per-item randomness, shared with prepare)
 
 log = logging.getLogger("dcgen.imagenet_latent")
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dcgen.task import draw_seed, item_key
+from dcgen.rng import draw_seed
+from dcgen.task import item_key
 
 log = logging.getLogger("dcgen.data")
 

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import torch
 
 from dcgen import viz
-from dcgen.task import Task, check_grid
+from dcgen.chunking.grid import check_grid
+from dcgen.task import Task
 
 from .data import ToyDataset, flat_fraction
 

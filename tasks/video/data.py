@@ -392,7 +392,8 @@ class LatentClipDataset(Dataset):
         return f.get_slice("mean")[r].float(), f.get_slice("logvar")[r].float()
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
-        from dcgen.task import item_generator, item_key
+        from dcgen.rng import item_generator
+        from dcgen.task import item_key
         i, epoch = item_key(key)
         mean, logvar = self.moments(i)
         if self.sample_posterior:

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from dcgen import viz
 from dcgen.codec import DEFAULT_VAE
-from dcgen.task import Task, check_grid
+from dcgen.chunking.grid import check_grid
+from dcgen.task import Task
 
 from .codec import VideoCodec, vae_info
 from .data import (INDEX_FILE, META_FILE, VIDEO_EXTENSIONS, LatentClipDataset, VideoReadError,
