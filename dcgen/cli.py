@@ -352,7 +352,8 @@ def run(command: str, args: list[str]):
         cfg, trusted = compose_resume(Path(rd), overrides)
     else:
         cfg = compose(COMMANDS[command], overrides, record_choices=command == "train")
-    validate(command, cfg)
+    if command != "train" or print_cfg:  # train() validates its config itself: once
+        validate(command, cfg)
     if print_cfg:
         print(OmegaConf.to_yaml(cfg))
         return None

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import latest_checkpoint, resume, resume_candidates, save_checkpoint
 from .diffusion.objective import check_objective
 from .ema import EMA
-from .models import DCDiT
 from .rng import host_to_device, set_rng_state
 from .run import Run
 
@@ -30,25 +30,21 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-# ----------------------------------------------------------------------------------------------
-# Schedules specific to dynamic chunking (METHOD §6): the one small function the loop consults.
-# ----------------------------------------------------------------------------------------------
+class Distillation:
+    """The upcycling warm-up (METHOD §9.1): for the first `steps` optimizer steps the loss is the
+    MSE to a frozen teacher's output; afterwards the objective's own loss, and the teacher is
+    released. Without a teacher, always the objective's loss."""
 
-def dc_schedule(dc: DictConfig, step: int) -> tuple[float, float]:
-    """(tail-drop rho, effective target N) for optimiser step `step`.
+    def __init__(self, teacher=None, steps: int = 0):
+        self.teacher, self.steps = teacher, int(steps)
 
-    rho: 0 before `multi_budget_start_step`, then one budget per step drawn uniformly from
-    `budgets` by a CPU generator seeded with the step index ([R]'s draw): every rank and
-    micro-step agrees without communication, and the sequence is reproducible.
-    N: optional linear warm-up from n_start to target_n over n_warmup_steps."""
-    rho = 0.0
-    if dc.multi_budget and step >= dc.multi_budget_start_step and len(dc.budgets):
-        g = torch.Generator().manual_seed(step)
-        rho = float(dc.budgets[int(torch.randint(len(dc.budgets), (1,), generator=g))])
-    n = float(dc.target_n)
-    if dc.n_warmup_steps and dc.n_warmup_steps > 0:
-        n = dc.n_start + (dc.target_n - dc.n_start) * min(1.0, step / dc.n_warmup_steps)
-    return rho, n
+    def losses(self, objective, model, step: int, x, y, t, noise, tail_drop):
+        if self.teacher is not None and step >= self.steps:
+            self.teacher = None  # distillation over: free the teacher's memory
+        if self.teacher is not None:
+            from .compat.upcycle import distill_terms
+            return distill_terms(objective, model, self.teacher, x, y, t=t, noise=noise, tail_drop=tail_drop)
+        return objective.training_losses(model, x, y, t=t, noise=noise, tail_drop=tail_drop)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,25 +372,25 @@ def _trackers(log_with) -> list[str]:
     return names
 
 
-def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
-    """Train as `cfg` says; returns the run dir (and, with `return_model`, this process's
-    unwrapped model and EMA model, e.g. to compare ranks). Raises TrainingPreempted after writing
-    a checkpoint when SIGTERM/SIGUSR1/SIGINT arrives, NonFiniteLossError on a non-finite loss.
-    `trusted`: False when `cfg` was read from a run dir's file (its task, objective and optim
-    nodes are then built only from dcgen's exact tables, dcgen.trust)."""
+@dataclass
+class _Processes:
+    """Phase 1: the processes, precision and threads of this run (nothing written yet)."""
+    accelerator: object
+    run: Run
+    world: int
+    rank: int
+    is_main: bool
+    micro: int
+    previous: dict
+    n_threads: int | None
+    threads_note: str
+    trackers: list
+
+
+def _processes(cfg: DictConfig) -> _Processes:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list
-
-    from .trust import build
-
-    from .chunking import ratio_loss
-    from .io import export_model
-    from .validate import validate
-
-    validate("train", cfg)
-    tc, dc = cfg.train, cfg.dc
-
-    # 1. Processes, precision, threads (nothing written yet) -----------------------------------
+    tc = cfg.train
     # cpu=True on CPU-only machines: without it Accelerate ignores torchrun's env and each
     # process would train alone; with it, gloo runs the processes as one job
     on_cpu = not torch.cuda.is_available()
@@ -404,11 +400,10 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     state = PartialState(cpu=on_cpu)
     run_dir = [cfg.run_dir or Run.new_name()]
     broadcast_object_list(run_dir)  # every rank writes into the directory rank 0 chose
-    run_dir = Path(run_dir[0])
-    run = Run(run_dir)
+    run = Run(run_dir[0])
     acc_kw = {} if mixed is None else {"mixed_precision": mixed}
     accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum_steps, cpu=on_cpu,
-                              log_with=trackers or None, project_dir=str(run_dir), **acc_kw)
+                              log_with=trackers or None, project_dir=str(run.root), **acc_kw)
     check_distributed_mode(accelerator)
     resolve_mixed_precision(accelerator.mixed_precision)  # refuses fp16 from the launcher too
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -416,20 +411,9 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     if G_batch % (world * A):
         raise ValueError(f"train.global_batch_size={G_batch} is not divisible by processes ({world}) "
                          f"x train.grad_accum_steps ({A})")
-    micro = G_batch // (world * A)
+    previous = _previous_state(run.root) if cfg.run_dir else {}
     threads_note, n_threads = "", None
-    previous = _previous_state(run_dir) if cfg.run_dir else {}
-    if previous.get("step", 0) > tc.max_steps:
-        # nothing to train, and nothing is written (the stored config keeps its max_steps)
-        msg = (f"{run_dir} is at step {previous['step']}, past train.max_steps={tc.max_steps}: "
-               "nothing to train")
-        if return_model:
-            from .validate import ConfigError
-            raise ConfigError(msg)
-        if is_main:
-            print(f"dcgen train: {msg}", file=sys.stderr)
-        return run_dir
-    if accelerator.device.type == "cpu":
+    if accelerator.device.type == "cpu" and previous.get("step", 0) <= tc.max_steps:
         recorded = previous.get("num_threads")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
         n_threads, why = cpu_threads(tc.get("num_threads", "auto"), local, recorded)
@@ -439,32 +423,49 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
                         "bit-identical to an uninterrupted one", n_threads, recorded)
         torch.set_num_threads(n_threads)
         threads_note = f", {n_threads} CPU thread(s) ({why})"
+    return _Processes(accelerator, run, world, rank, is_main, G_batch // (world * A), previous,
+                      n_threads, threads_note, trackers)
 
-    # 2. Task, data, model, EMA, objective, optimiser: everything that can fail on a bad config
-    #    is built before the run dir is touched --------------------------------------------------
+
+@dataclass
+class _Parts:
+    """Phase 2: everything that can fail on a bad config, built before the run dir is touched."""
+    task: object
+    dataset: object
+    model: torch.nn.Module
+    objective: object
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    distillation: Distillation
+    upcycle_report: dict | None
+    p_drop: float
+
+
+def _build_parts(cfg: DictConfig, procs: _Processes, trusted: bool) -> _Parts:
+    from .trust import build
+    tc = cfg.train
     torch.manual_seed(cfg.seed)  # identical model init on every rank
-    where = str(run.config_file) if not trusted else "the command line"
+    where = str(procs.run.config_file) if not trusted else "the command line"
     task = build(cfg.task, "task", where, trusted=trusted)
     dataset = task.train_dataset()
     if len(dataset) == 0:
         raise ValueError(f"task {task.name} has an empty training set")
     model = build_model(cfg, task)
-    is_dc = isinstance(model, DCDiT)
     objective = build(cfg.objective, "objective", where, trusted=trusted)
     check_objective(objective, where)
     if objective.learn_sigma and model.out_channels != 2 * task.channels:
         raise ValueError("objective learns sigma but the model has learn_sigma: false "
                          "(set model.learn_sigma=true or objective.learn_sigma=false, loss=mse)")
     p_drop = float(tc.label_dropout) if task.num_classes > 0 else 0.0
-    teacher, distill_steps = None, 0
+    distillation, upcycle_report = Distillation(), None
     init = cfg.get("init") or {}
-    upcycle_report = None
     if init.get("from_dit"):  # upcycling a pretrained DiT (METHOD §9.1)
         from .compat.upcycle import init_from_dit, load_dit_teacher
-        teacher = load_dit_teacher(init.from_dit, device=accelerator.device,
+        teacher = load_dit_teacher(init.from_dit, device=procs.accelerator.device,
                                    num_heads=model.config["num_heads"])
         upcycle_report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
-        distill_steps = int(init.get("distill_steps", 0))
+        upcycle_report = {"from": init.from_dit, **upcycle_report}
+        distillation = Distillation(teacher, int(init.get("distill_steps", 0)))
     if tc.sample_every:  # the previews' settings, checked now rather than at the first preview
         from .pipeline import with_diffusers_samplers
         from .sample import check_request, sampling_args
@@ -473,7 +474,6 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
                       steps=preview["steps"], sampler=preview["sampler"], seed=cfg.seed)
     ema = EMA(model, tc.ema_decay)
     optimizer = build(cfg.optim, "optim", where, trusted=trusted)(params=param_groups(model, cfg))
-    n_params = sum(p.numel() for p in model.parameters())
     if tc.get("grad_checkpointing", False):
         if tc.get("compile", False):
             from .validate import ConfigError
@@ -483,75 +483,181 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     if tc.get("compile", False):
         from .models.compile import compile_backbone
         compile_backbone(model)
+    return _Parts(task, dataset, model, objective, ema, optimizer, distillation, upcycle_report, p_drop)
 
-    # 3. Run directory, frozen config, log file -----------------------------------------------------
-    if is_main:
-        run.write_config(cfg)  # atomic: another rank may be reading it for its own resume check
+
+def _open_run(cfg: DictConfig, procs: _Processes, parts: _Parts):
+    """Phase 3: the stored config and the log file (rank 0); returns the log handler."""
+    if procs.is_main:
+        procs.run.write_config(cfg)  # atomic: another rank may be reading it for its own resume check
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    accelerator.wait_for_everyone()
-    file_log = None
-    if is_main:
-        file_log = logging.FileHandler(run.log_file)
-        file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        logging.getLogger("dcgen").addHandler(file_log)
-        if upcycle_report is not None:
-            log.info("upcycled from %s: %s", init.from_dit, upcycle_report)
+    procs.accelerator.wait_for_everyone()
+    if not procs.is_main:
+        return None
+    file_log = logging.FileHandler(procs.run.log_file)
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.getLogger("dcgen").addHandler(file_log)
+    if parts.upcycle_report is not None:
+        report = dict(parts.upcycle_report)
+        log.info("upcycled from %s: %s", report.pop("from"), report)
+    return file_log
 
-    # 4. Resume -------------------------------------------------------------------------------------
-    start_step = 0
-    resumed = resume(run_dir, model, ema, optimizer, rank, accelerator, log)
-    if resumed is not None:
-        ckpt, ck_state, rng = resumed
-        start_step = ck_state["step"]
-        if rng is not None:
-            set_rng_state(rng["global"])
-        else:  # written by another number of processes (the rule in docs/configs.md)
-            from .rng import draw_seed
-            torch.manual_seed(draw_seed(cfg.seed, "resume-rng", start_step, rank))
-            if is_main:
-                log.warning("%s was written by %s process(es), this run has %d: the global batch, data "
-                            "order, timesteps and noise continue unchanged (they depend on the sample "
-                            "position, not the process); each process's own random state is re-derived, "
-                            "and the gradient all-reduce sums in another order, so the run is not "
-                            "bit-identical to one that kept its process count", ckpt,
-                            ck_state.get("world", "?"), world)
-        if is_main:
-            log.info("resumed from %s (step %d)", ckpt, start_step)
-    ema.model.to(accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
 
-    sampler = StepBatchSampler(len(dataset), G_batch, world, rank, A, cfg.seed, start_step,
-                               tc.max_steps, with_epoch=getattr(dataset, "wants_epoch", False))
+def _resume(cfg: DictConfig, procs: _Processes, parts: _Parts) -> int:
+    """Phase 4: the newest readable checkpoint's weights, optimizer and random state; the step
+    to start from (0 for a new run)."""
+    resumed = resume(procs.run.root, parts.model, parts.ema, parts.optimizer, procs.rank,
+                     procs.accelerator, log)
+    if resumed is None:
+        return 0
+    ckpt, ck_state, rng = resumed
+    start_step = ck_state["step"]
+    if rng is not None:
+        set_rng_state(rng["global"])
+    else:  # written by another number of processes (the rule in docs/configs.md)
+        from .rng import draw_seed
+        torch.manual_seed(draw_seed(cfg.seed, "resume-rng", start_step, procs.rank))
+        if procs.is_main:
+            log.warning("%s was written by %s process(es), this run has %d: the global batch, data "
+                        "order, timesteps and noise continue unchanged (they depend on the sample "
+                        "position, not the process); each process's own random state is re-derived, "
+                        "and the gradient all-reduce sums in another order, so the run is not "
+                        "bit-identical to one that kept its process count", ckpt,
+                        ck_state.get("world", "?"), procs.world)
+    if procs.is_main:
+        log.info("resumed from %s (step %d)", ckpt, start_step)
+    return start_step
+
+
+def _train_step(cfg, procs: _Processes, parts: _Parts, model, hooks, step: int, batches, sampler,
+                stats: "_Stats", decision: "_StepDecision"):
+    """One optimizer step over `train.grad_accum_steps` micro-batches: the objective's loss (or
+    the distillation loss), the model family's auxiliary loss, backward, clip, update. Returns
+    (grad norm or None, tail-drop rho, target N)."""
+    tc, acc = cfg.train, procs.accelerator
+    task, objective, optimizer = parts.task, parts.objective, parts.optimizer
+    sample_shape = (task.channels, *task.grid)
+    rho, n_eff = hooks.budget(step)
+    grad_norm = None
+    for k in range(int(tc.grad_accum_steps)):
+        x, y = next(batches)
+        t, noise, drop = step_randomness(cfg.seed, sampler.positions(step, k), sample_shape, objective,
+                                         parts.p_drop)
+        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+        t, noise = host_to_device(t, acc.device), host_to_device(noise, acc.device)
+        if task.num_classes > 0:
+            y = torch.where(host_to_device(drop, y.device), torch.full_like(y, task.num_classes), y)
+        else:
+            y = None
+        with acc.accumulate(model), acc.autocast():
+            terms, aux = parts.distillation.losses(objective, model, step, x, y, t, noise, rho)
+            loss_diff = terms["loss"].mean()
+            loss = loss_diff
+            extra = hooks.auxiliary_loss(aux, n_eff)
+            if extra is not None:
+                loss = loss + hooks.aux_weight * extra
+            decision.mark(loss)  # on the device: no host sync per micro-step
+            acc.backward(loss)
+            if acc.sync_gradients and tc.grad_clip:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        stats.add(loss_diff, extra, aux, t, objective.time_range)
+    return grad_norm, rho, n_eff
+
+
+def _stop_or_fail(procs: _Processes, decision: "_StepDecision", signals: "_Signals", step: int,
+                  wait: bool, checkpoint, max_steps: int) -> None:
+    """The collective decision after a step: every rank stops at the same step, for the same
+    reason. A non-finite loss raises NonFiniteLossError; a signal writes a checkpoint and raises
+    TrainingPreempted (TrainingInterrupted for Ctrl-C)."""
+    decision.push(step - 1, signals.received is not None)
+    stop, bad = decision.poll(wait=wait)
+    if stop and bad is None:
+        # the stop may come from the previous step's flags: this step's finite flag is read too
+        # before any checkpoint is written
+        bad = decision.poll(wait=True)[1]
+    if bad is not None:
+        bad_step, bad_ranks = bad
+        raise NonFiniteLossError(
+            f"non-finite loss at step {bad_step} (rank {', '.join(map(str, bad_ranks))}); training "
+            f"stopped, the last good checkpoint is "
+            f"{latest_checkpoint(procs.run.root) or 'none (no checkpoint yet)'}")
+    if stop and step < max_steps:
+        checkpoint(step)
+        import signal as _signal
+        interrupted = signals.received == _signal.SIGINT
+        raise (TrainingInterrupted if interrupted else TrainingPreempted)(
+            f"{'interrupted (Ctrl-C)' if interrupted else 'preempted (signal received)'}: "
+            f"checkpoint at step {step} written to {latest_checkpoint(procs.run.root)}; rerun the "
+            "same command to resume")
+
+
+def _nothing_to_train(cfg: DictConfig, procs: _Processes, return_model: bool):
+    """A restart whose checkpoint is past train.max_steps: nothing is trained or written (the
+    stored config keeps its max_steps)."""
+    msg = (f"{procs.run.root} is at step {procs.previous['step']}, past "
+           f"train.max_steps={cfg.train.max_steps}: nothing to train")
+    if return_model:
+        from .validate import ConfigError
+        raise ConfigError(msg)
+    if procs.is_main:
+        print(f"dcgen train: {msg}", file=sys.stderr)
+    return procs.run.root
+
+
+def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
+    """Train as `cfg` says; returns the run dir (and, with `return_model`, this process's
+    unwrapped model and EMA model, e.g. to compare ranks). Raises TrainingPreempted after writing
+    a checkpoint when SIGTERM/SIGUSR1/SIGINT arrives, NonFiniteLossError on a non-finite loss.
+    `trusted`: False when `cfg` was read from a run dir's file (its task, objective and optim
+    nodes are then built only from dcgen's exact tables, dcgen.trust)."""
+    from .io import export_model
+    from .validate import validate
+
+    validate("train", cfg)
+    tc = cfg.train
+    procs = _processes(cfg)                               # 1. processes, precision, threads
+    if procs.previous.get("step", 0) > tc.max_steps:
+        return _nothing_to_train(cfg, procs, return_model)
+    parts = _build_parts(cfg, procs, trusted)             # 2. task, data, model, objective, optimizer
+    file_log = _open_run(cfg, procs, parts)               # 3. stored config, log file
+    start_step = _resume(cfg, procs, parts)               # 4. resume
+    acc, run, is_main = procs.accelerator, procs.run, procs.is_main
+    task, ema, optimizer = parts.task, parts.ema, parts.optimizer
+    hooks = parts.model.training_hooks(cfg.dc)            # what the model family adds to a step
+    ema.model.to(acc.device)
+    model, optimizer = acc.prepare(parts.model, optimizer)
+    parts.optimizer = optimizer
+    raw = acc.unwrap_model(model)
+    G_batch = int(tc.global_batch_size)
+    sampler = StepBatchSampler(len(parts.dataset), G_batch, procs.world, procs.rank, int(tc.grad_accum_steps),
+                               cfg.seed, start_step, tc.max_steps,
+                               with_epoch=getattr(parts.dataset, "wants_epoch", False))
     # a private generator: creating the iterator must not consume the (restored) global RNG
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
-                                         pin_memory=accelerator.device.type == "cuda",
+    loader = torch.utils.data.DataLoader(parts.dataset, batch_sampler=sampler, num_workers=tc.num_workers,
+                                         pin_memory=acc.device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
-    if trackers:
-        accelerator.init_trackers("tb" if trackers == ["tensorboard"] else "dcgen")
-    writer = None
-    if is_main and "tensorboard" in trackers:
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    if procs.trackers:
+        acc.init_trackers("tb" if procs.trackers == ["tensorboard"] else "dcgen")
+    writer = acc.get_tracker("tensorboard", unwrap=True) if is_main and "tensorboard" in procs.trackers else None
     if is_main:
+        n_params = sum(p.numel() for p in raw.parameters())
         log.info("%s: %.2fM parameters, task %s %s, %d processes, micro-batch %d, mixed precision %s%s, "
-                 "run dir %s", type(raw).__name__, n_params / 1e6, task.name, tuple(task.grid), world,
-                 micro, accelerator.mixed_precision, threads_note, run_dir)
+                 "run dir %s", type(raw).__name__, n_params / 1e6, task.name, tuple(task.grid), procs.world,
+                 procs.micro, acc.mixed_precision, procs.threads_note, run.root)
 
     # 5. Loop -----------------------------------------------------------------------------------------
-    t_range = objective.time_range  # kept fraction is logged in 10 buckets of t / t_range
-    sample_shape = (task.channels, *task.grid)
-    stats = _Stats(device=accelerator.device)
-    decision = _StepDecision(accelerator)
-    signals = _Signals()
+    stats, decision, signals = _Stats(device=acc.device), _StepDecision(acc), _Signals()
     runlog = RunLog(run, tc.max_steps, start_step, enabled=is_main)
     t_last, samples_since, steps_since = time.time(), 0, 0
     step = start_step
-    ckpt_state = {"world": world, "mixed_precision": accelerator.mixed_precision, "num_threads": n_threads}
+    ckpt_state = {"world": procs.world, "mixed_precision": acc.mixed_precision, "num_threads": procs.n_threads}
 
     def checkpoint(at: int):
-        save_checkpoint(run_dir, at, raw, ema, optimizer, {"data_position": at * G_batch, **ckpt_state},
-                        {}, accelerator, keep=tc.ckpt_keep, keep_every=int(tc.get("ckpt_keep_every") or 0))
+        save_checkpoint(run.root, at, raw, ema, optimizer, {"data_position": at * G_batch, **ckpt_state},
+                        {}, acc, keep=tc.ckpt_keep, keep_every=int(tc.get("ckpt_keep_every") or 0))
         if is_main:
             export_model(ema.model, run.export_dir,
                          extra={"task": OmegaConf.to_container(cfg.task, resolve=True),
@@ -560,75 +666,19 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
 
     try:
         while step < tc.max_steps:
-            _fault_signal(step, rank)
-            rho, n_eff = dc_schedule(dc, step) if is_dc else (0.0, dc.target_n)
-            grad_norm = None
-            for k in range(A):
-                x, y = next(batches)
-                t, noise, drop = step_randomness(cfg.seed, sampler.positions(step, k), sample_shape,
-                                                 objective, p_drop)
-                x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
-                t, noise = host_to_device(t, accelerator.device), host_to_device(noise, accelerator.device)
-                if task.num_classes > 0:
-                    y = torch.where(host_to_device(drop, y.device), torch.full_like(y, task.num_classes), y)
-                else:
-                    y = None
-                with accelerator.accumulate(model), accelerator.autocast():
-                    if teacher is not None and step >= distill_steps:
-                        teacher = None  # distillation over: free the teacher's memory
-                    if teacher is not None:  # distillation warm-up
-                        from .compat.upcycle import distill_terms
-                        terms, aux = distill_terms(objective, model, teacher, x, y, t=t, noise=noise,
-                                                   tail_drop=rho)
-                    else:
-                        terms, aux = objective.training_losses(model, x, y, t=t, noise=noise, tail_drop=rho)
-                    loss_diff = terms["loss"].mean()
-                    loss = loss_diff
-                    ratio = None
-                    if is_dc:
-                        ratio = torch.stack([ratio_loss(s.boundary_prob, s.boundary_mask, n_eff,
-                                                        dc.ratio_group_size) for s in aux]).mean()
-                        loss = loss + dc.ratio_weight * ratio
-                    decision.mark(loss)  # on the device: no host sync per micro-step
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and tc.grad_clip:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                stats.add(loss_diff, ratio, aux, t, t_range)
+            _fault_signal(step, procs.rank)
+            grad_norm, rho, n_eff = _train_step(cfg, procs, parts, model, hooks, step, batches, sampler,
+                                                stats, decision)
             ema.update(raw)
             step += 1
             samples_since += G_batch
             steps_since += 1
             runlog.step()
-
-            # the collective decision: every rank stops at the same step, for the same reason
             is_log = step % tc.log_every == 0 or step == tc.max_steps
             is_ckpt = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps
-            decision.push(step - 1, signals.received is not None)
-            stop, bad = decision.poll(wait=is_log or is_ckpt)
-            if stop and bad is None:
-                # the stop may come from the previous step's flags: this step's finite flag is
-                # read too before any checkpoint is written
-                bad = decision.poll(wait=True)[1]
-            if bad is not None:
-                bad_step, bad_ranks = bad
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {bad_step} (rank {', '.join(map(str, bad_ranks))}); training "
-                    f"stopped, the last good checkpoint is "
-                    f"{latest_checkpoint(run_dir) or 'none (no checkpoint yet)'}")
-            if stop and step < tc.max_steps:
-                checkpoint(step)
-                import signal as _signal
-                interrupted = signals.received == _signal.SIGINT
-                raise (TrainingInterrupted if interrupted else TrainingPreempted)(
-                    f"{'interrupted (Ctrl-C)' if interrupted else 'preempted (signal received)'}: "
-                    f"checkpoint at step {step} written to {latest_checkpoint(run_dir)}; rerun the "
-                    "same command to resume")
-
-            # logging (rank-averaged)
-            if is_log:
-                summary = stats.reduce(accelerator)
+            _stop_or_fail(procs, decision, signals, step, is_log or is_ckpt, checkpoint, tc.max_steps)
+            if is_log:  # rank-averaged
+                summary = stats.reduce(acc)
                 dt = time.time() - t_last
                 summary.update({"lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / dt,
                                 "rho": rho, "target_n": n_eff})
@@ -636,16 +686,13 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
                     summary["tokens_per_s"] = summary["samples_per_s"] * summary["tokens_kept_per_sample"]
                 if grad_norm is not None:
                     summary["grad_norm"] = float(grad_norm)
-                if trackers:
-                    accelerator.log({key if "/" in key else f"train/{key}": val
-                                     for key, val in summary.items()}, step=step)
-                runlog.line(format_line(step, tc.max_steps, summary,
-                                        (tc.max_steps - step) * dt / max(1, steps_since)))
+                if procs.trackers:
+                    acc.log({key if "/" in key else f"train/{key}": val for key, val in summary.items()}, step=step)
+                runlog.line(format_line(step, tc.max_steps, summary, (tc.max_steps - step) * dt / max(1, steps_since)))
                 runlog.record(step, summary)
                 t_last, samples_since, steps_since = time.time(), 0, 0
-
             if tc.sample_every and step % tc.sample_every == 0 and is_main:
-                _preview(cfg, task, ema.model, objective, run, step, writer)
+                _preview(cfg, task, ema.model, parts.objective, run, step, writer)
             if is_ckpt:
                 checkpoint(step)
                 _fault_after_checkpoint(step)
@@ -655,15 +702,15 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
         if file_log is not None:
             logging.getLogger("dcgen").removeHandler(file_log)
             file_log.close()
-        for tracker in accelerator.trackers:
+        for tracker in acc.trackers:
             tracker.finish()
-        accelerator.trackers = []
+        acc.trackers = []
 
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # destroys the process group
+    acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group
     if return_model:
-        return run_dir, raw, ema.model
-    return run_dir
+        return run.root, raw, ema.model
+    return run.root
 
 
 def _previous_state(run_dir: Path) -> dict:

@@ -90,3 +90,34 @@ def test_no_private_name_is_imported_from_another_module():
                         and (target.startswith(("dcgen", "tasks", "tools"))):
                     found.append(f"{p.relative_to(ROOT)} imports {name} from {target}")
     assert not found, "\n".join(found)
+
+
+def test_the_training_loop_reads_in_one_sitting():
+    """train() stays a short top-level function, and the loop never asks which model it trains
+    (the model family declares its hooks: dcgen.models.hooks)."""
+    tree = ast.parse((ROOT / "dcgen" / "train.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train")
+    assert fn.end_lineno - fn.lineno + 1 <= 120
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+        {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert "DCDiT" not in names and "DiT" not in names
+
+
+def test_each_model_family_declares_its_training_hooks():
+    from omegaconf import OmegaConf
+
+    from dcgen.models.hooks import ChunkingHooks, TrainingHooks
+    from dcgen.models import DCDiT, DiT
+    dc = OmegaConf.create({"multi_budget": True, "multi_budget_start_step": 0, "budgets": [0.5],
+                           "target_n": 4.0, "n_warmup_steps": 0, "n_start": 4.0, "ratio_weight": 0.03,
+                           "ratio_group_size": 4})
+    dit = DiT(input_size=[8, 8], in_channels=3, num_classes=0, hidden_size=32, depth=1, num_heads=2)
+    dcd = DCDiT(input_size=[8, 8], in_channels=3, num_classes=0, hidden_size=32, depth=1, num_heads=2,
+                norm_groups=4)
+    plain, chunking = dit.training_hooks(dc), dcd.training_hooks(dc)
+    assert type(plain) is TrainingHooks and isinstance(chunking, ChunkingHooks)
+    assert plain.budget(5) == (0.0, 4.0) and plain.auxiliary_loss([], 4.0) is None
+    assert chunking.budget(5) == (0.5, 4.0) and chunking.aux_weight == 0.03
+    import torch
+    _, aux = dcd(torch.randn(2, 3, 8, 8), torch.tensor([1, 500]), None)
+    assert chunking.auxiliary_loss(aux, 4.0).ndim == 0

@@ -57,7 +57,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert_identical(m1, m2)
     assert_identical(e1, e2)
     # the multi-budget rho was active (start step 2), so tail dropping took part in the check
-    from dcgen.train import dc_schedule
+    from dcgen.models.hooks import dc_schedule
     from omegaconf import OmegaConf
     dc = OmegaConf.load(ref / "config.yaml").dc
     assert any(dc_schedule(dc, s)[0] > 0 for s in range(2, 6))

@@ -126,6 +126,11 @@ class DCDiT(ConditionedModel):
         nn.init.zeros_(self.residual_proj.bias)
         self.final_layer.zero_init()
 
+    def training_hooks(self, dc):
+        """The multi-budget tail-drop schedule and the ratio loss (dcgen.hooks)."""
+        from .hooks import ChunkingHooks
+        return ChunkingHooks(dc)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 tail_drop=0.0):
         self.check_inputs(x, t, y)

@@ -127,6 +127,11 @@ class ConditionedModel(nn.Module, PyTorchModelHubMixin, library_name="dcgen",
         model is built): what `dcgen.models.describe` writes and `dcgen.models.build` reads."""
         return {k: _plain(v) for k, v in self._hub_mixin_config.items()}
 
+    def training_hooks(self, dc):
+        """What this model family adds to a training step (dcgen.hooks): nothing for a DiT."""
+        from .hooks import TrainingHooks
+        return TrainingHooks(dc)
+
     @property
     def param_dtype(self) -> torch.dtype:
         return self.t_embedder.mlp[0].weight.dtype
