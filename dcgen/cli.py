@@ -136,6 +136,24 @@ def _constructor_keys(base: DictConfig, overrides: list[str], parsed):
     return out, _parse(out)
 
 
+def _typed_error(command: str, e: BaseException) -> ConfigError | None:
+    """A value the schema's type refuses (OmegaConf's ValidationError, somewhere in the cause
+    chain) as one line naming the key and what it expects (dcgen.schema)."""
+    from omegaconf.errors import ValidationError
+
+    from .schema import rules
+    from .validate import shown_value
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ValidationError) and getattr(e, "full_key", None):
+            rule = rules(command).get(e.full_key) if command in COMMANDS else None
+            why = f"expected {rule.expected}" if rule else one_line(e)
+            return ConfigError(f"{e.full_key}={shown_value(e.value)}: {why}")
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def compose(config_name: str, overrides: list[str], record_choices: bool = False) -> DictConfig:
     """The config of `config_name` with `overrides`; with `record_choices`, a `choices` node
     records the group choices (task, model, ...) that composed it."""
@@ -155,6 +173,8 @@ def compose(config_name: str, overrides: list[str], record_choices: bool = False
                 raise ConfigError(f"unknown {key} '{choice}' (available: {', '.join(_available(key, extra))})")
     group_ovs = [o for o, p in zip(overrides, parsed)
                  if p.key_or_group in GROUPS or p.key_or_group.startswith("hydra.")]
+    from .schema import register
+    register()  # the typed schemas the command YAMLs name first (dcgen.schema)
     with initialize_config_module("dcgen.configs", version_base=None):
         try:
             base = hydra_compose(config_name, group_ovs)
@@ -165,7 +185,7 @@ def compose(config_name: str, overrides: list[str], record_choices: bool = False
         try:
             cfg = hydra_compose(config_name, overrides, return_hydra_config=True)
         except HydraException as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
+            raise _typed_error(config_name, e) or ConfigError(str(e).splitlines()[0]) from None
         except Exception as e:  # omegaconf validation errors carry several lines
             raise ConfigError(" ".join(str(e).split())[:400]) from None
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
@@ -296,13 +316,16 @@ def command_help(command: str, overrides: list[str] | None = None) -> str:
             opts = [("*" if o == chosen[g] else "") + o for o in _available(g, extra)]
             lines.append(f"  {g:<10} {' '.join(opts) if opts else '(none)'}")
         lines.append("")
-    lines.append("keys (defaults):")
+    lines.append("keys (defaults; types, rules and help from dcgen/schema.py):")
     with open_dict(cfg):
         del cfg["choices"]
+    from .schema import help_of
     for key, val in _flat(OmegaConf.to_container(cfg, resolve=False)).items():
         if key.split(".")[0] in groups:
             continue  # group nodes: see the group's own files
-        lines.append(f"  {key}={'null' if val is None else val}")
+        text = f"  {key}={'null' if val is None else val}"
+        about = help_of(command, key)
+        lines.append(f"{text:<44} {about}" if about else text)
     if groups:
         lines.append("")
         lines.append("group nodes (" + ", ".join(groups) + ") take dotted keys too, e.g. "

@@ -1,7 +1,8 @@
 """One validation pass over a composed config, before any work is done or any file written.
 
-Each command has a table of rules, key -> what the value must be. `validate(command, cfg)` checks
-every rule whose key exists in the config and raises `ConfigError` naming the key, the bad value
+Each key's rule (what its value must be) is declared with the key in the command's schema
+(dcgen.schema); this module holds the rule vocabulary and the rules between keys. `validate(command,
+cfg)` checks every rule whose key exists in the config and raises `ConfigError` naming the key, the bad value
 and what is expected, in one line. Keys that a config does not have (an older run dir, a task
 without that option) are skipped; unknown keys are refused earlier, at compose time (cli.py).
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,73 +123,6 @@ TRACKERS = ("tensorboard", "wandb")
 # seeds are combined with step, epoch and rank indices into torch generator seeds (< 2**64)
 MAX_SEED = 2 ** 40
 
-TRAIN = {
-    "seed": int_(0, MAX_SEED),
-    "train.max_steps": int_(1),
-    "train.global_batch_size": int_(1),
-    "train.grad_accum_steps": int_(1),
-    "train.mixed_precision": MIXED_PRECISION,
-    "train.grad_clip": optional(num(0)),
-    "train.ema_decay": num(0, 1),
-    "train.ckpt_every": int_(0),
-    "train.ckpt_keep": int_(1),
-    "train.ckpt_keep_every": int_(0),
-    "train.sample_every": int_(0),
-    "train.log_every": int_(1),
-    "train.num_workers": int_(0),
-    "train.num_threads": either(choice("auto"), int_(1)),
-    "train.label_dropout": num(0, 1),
-    "train.label_lr_mult": num(0, lo_open=True),
-    "train.log_with": either(choice(None, "none", *TRACKERS), list_of(choice(*TRACKERS))),
-    "train.compile": boolean(),
-    "train.grad_checkpointing": boolean(),
-    "dc.ratio_weight": num(0),
-    "dc.target_n": num(1),
-    "dc.ratio_group_size": int_(1),
-    "dc.n_warmup_steps": int_(0),
-    "dc.n_start": num(1),
-    "dc.multi_budget": boolean(),
-    "dc.multi_budget_start_step": int_(0),
-    "dc.budgets": list_of(num(0, 1, hi_open=True)),
-    "optim.lr": num(0, lo_open=True),
-}
-
-_SAMPLING = {
-    "run_dir": path_str(),
-    "num_samples": int_(1),
-    "batch_size": int_(1),
-    "steps": int_(1),
-    "sampler": choice("ddpm", "ddim", "dpm++", "unipc", "euler", "heun"),
-    "cfg_scale": num(0),
-    "cfg_channels": choice(None, "all", "legacy3"),
-    "tail_drop": num(0, 1, hi_open=True),
-    "tail_drop_uncond": optional(num(0, 1, hi_open=True)),
-    "seed": int_(0, MAX_SEED),
-    "device": Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
-                   "auto, cpu, cuda or cuda:N"),
-}
-
-# train's `sample:` node (the previews) takes the sampling keys of dcgen sample
-TRAIN.update({f"sample.{k}": rule for k, rule in _SAMPLING.items() if k != "run_dir"})
-
-SAMPLE = {
-    **_SAMPLING,
-    "labels": optional(list_of(int_(0), nonempty=True)),
-    "boundary_maps": int_(0),
-    "map_timesteps": int_(1),
-}
-
-EVALUATE = {**_SAMPLING, "decode_batch_size": optional(int_(1)), "tf32": boolean(),
-            "class_balanced": boolean(), "precision": choice("fp32", "bf16")}
-
-PREPARE = {"seed": int_(0, MAX_SEED)}
-
-EXPORT = {"run_dir": path_str(), "out_dir": path_str(),
-          "push_to_hub": optional(Rule(lambda v: isinstance(v, str) and v.count("/") == 1, "owner/name")),
-          "private": boolean()}
-
-RULES = {"train": TRAIN, "sample": SAMPLE, "evaluate": EVALUATE, "prepare": PREPARE, "export": EXPORT}
-
 _MISSING = object()
 
 
@@ -203,24 +136,23 @@ def _value(cfg: DictConfig, key: str):
     return node
 
 
-def _shown(v) -> str:
+def shown_value(v) -> str:
+    """A value as the error messages show it (null, 'text', 3, 1e+20)."""
     return "null" if v is None else repr(v) if isinstance(v, str) else str(v)
 
 
 def validate(command: str, cfg: DictConfig) -> None:
-    """Raise ConfigError for the first key of `cfg` that breaks its rule."""
-    for key, rule in RULES.get(command, {}).items():
+    """Raise ConfigError for the first key of `cfg` that breaks its rule (the rules of the
+    command's schema, dcgen.schema), then for the rules between keys."""
+    from .schema import help_of, rules
+    for key, rule in rules(command).items():
         v = _value(cfg, key)
         if v is _MISSING:
             continue
         if v == "???":
-            what = {("sample", "run_dir"): "the run or export directory to sample from",
-                    ("evaluate", "run_dir"): "the run or export directory to evaluate",
-                    ("export", "run_dir"): "the run or export directory to export",
-                    ("export", "out_dir"): "the directory to write"}.get((command, key), rule.expected)
-            raise ConfigError(f"{key} is required: give {key}=<{what}>")
+            raise ConfigError(f"{key} is required: give {key}=<{help_of(command, key) or rule.expected}>")
         if not rule.check(v):
-            raise ConfigError(f"{key}={_shown(v)}: expected {rule.expected}")
+            raise ConfigError(f"{key}={shown_value(v)}: expected {rule.expected}")
     if command == "train":
         tc = cfg.train
         if int(tc.global_batch_size) % int(tc.grad_accum_steps):
