@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .rng import check_rng_state, rng_state
-from .run import CHECKPOINTS
+from .run import CHECKPOINTS, Run
 from .validate import one_line
 
 CKPT_DIR = CHECKPOINTS
@@ -136,7 +136,7 @@ def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extr
 
 def checkpoint_dir(run_dir, step: int) -> Path:
     """The folder of step `step`'s checkpoint in `run_dir` (kept or not)."""
-    return Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
+    return Run(run_dir).checkpoint_dir(step)
 
 
 def _failed_save(tmp: Path, is_main: bool, error, step: int):

@@ -23,14 +23,14 @@ from .trust import check_file_config
 from .validate import ConfigError, is_restart_key, one_line, validate
 
 COMMANDS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "prepare": "prepare",
-            "export": "export"}
+            "export": "export", "compare": "compare"}
 GROUPS = ("task", "model", "objective", "optim", "experiment", "compat")
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a temporary failure, try again (SLURM requeues the same command)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C; a checkpoint was written when training, but a
                         # person asked to stop, so wrappers that retry on 75 do not retry
 
-USAGE = """usage: dcgen {train,sample,evaluate,prepare,export} [group=choice ...] [key=value ...]
+USAGE = """usage: dcgen {train,sample,evaluate,prepare,export,compare} [group=choice ...] [key=value ...]
 
   dcgen train [task=pixel] [model=dcdit_small] [train.max_steps=3000] [run_dir=DIR] ...
   dcgen sample run_dir=DIR [num_samples=16 steps=250 sampler=ddpm cfg_scale=1 tail_drop=0 seed=0]
@@ -48,6 +48,8 @@ ABOUT = {
     "evaluate": "Sample on every process and compute the task's metrics (FID, ...).",
     "prepare": "Encode a task's data into its cache, once, before training.",
     "export": "Write a run's EMA model as a Hugging Face layout export; optionally push it to the Hub.",
+    "compare": "Train experiments with the same seeds and steps, score them at several points, and "
+               "write a table and plots (docs/results.md).",
 }
 
 
@@ -392,6 +394,9 @@ def run(command: str, args: list[str]):
     if command == "export":
         from .io import export_command
         return export_command(cfg)
+    if command == "compare":
+        from .compare import compare_command
+        return compare_command(cfg, overrides)
     if command == "prepare":
         import logging
 

@@ -93,6 +93,23 @@ def cost_summary(model, result: dict, branches: int) -> dict:
     return {"per_image": per_image.numpy(), "kept_by_step": kept_by_step.numpy(), "steps": K}
 
 
+def cost_metrics(per_image: np.ndarray, steps: int, tokens: int, branches: int = 1) -> dict:
+    """The named cost metrics of per-image cost rows (`cost_summary`'s columns): GFLOPs per
+    forward (DiT convention: MACs of the conditional branch per model call), TFLOPs per image
+    (DC-DiT convention: 2 * MACs over all steps and branches, and with [R]'s counter), tokens
+    kept, the kept fraction of the `tokens` of the grid."""
+    per_image = np.asarray(per_image, dtype=np.float64).reshape(-1, 5)
+    out = {"gflops_per_forward": float(per_image[:, _MACS_COND].mean() / max(steps, 1) / 1e9),
+           "tflops_per_image": float(2 * per_image[:, _MACS_ALL].mean() / 1e12),
+           "tflops_per_image_reference_counter": float(2 * per_image[:, _MACS_ALL_REF].mean() / 1e12),
+           "tokens_kept_mean": float(per_image[:, _KEPT_COND].mean()),
+           "tokens_grid": int(tokens),
+           "kept_fraction_mean": float(per_image[:, _KEPT_COND].mean() / tokens)}
+    if branches == 2:
+        out["tokens_kept_mean_uncond"] = float(per_image[:, _KEPT_UNCOND].mean())
+    return out
+
+
 def process_state(device: str = "auto"):
     """Accelerate's PartialState for this launch. Without a GPU it must be told `cpu=True`, or a
     torchrun/accelerate launch on CPUs is not recognised as distributed (every process would
@@ -147,7 +164,6 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     Returns the output directory on the main process (None on the others)."""
     from accelerate.utils import broadcast_object_list
 
-    from .models import DCDiT
     from .sample import (NonFiniteSamplesError, check_memory, check_request, generate, load_run,
                          pick_device, sampling_args)
 
@@ -185,7 +201,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
         check_memory(N, task)
     elif N > 2 ** 31:  # the label list (8 bytes a sample) and the file numbering
         raise ValueError(f"num_samples={N}: expected at most 2**31")
-    is_dc = isinstance(model, DCDiT)
+    is_dc = model.drops_tokens
     branches = cfg_branches(task.num_classes, cfg.cfg_scale)
     labels = eval_labels(cfg.seed, N, task.num_classes, bool(cfg.get("class_balanced", False)))
     protocol = _protocol(cfg, {**args, "num_samples": N, "batch_size": B, "precision": precision,
@@ -277,12 +293,7 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
     K = max(len(m["ts"]) for m in markers)
     metrics.update({
         "num_samples": N,
-        "gflops_per_forward": float(per_image[:, _MACS_COND].mean() / max(K, 1) / 1e9),
-        "tflops_per_image": float(2 * per_image[:, _MACS_ALL].mean() / 1e12),
-        "tflops_per_image_reference_counter": float(2 * per_image[:, _MACS_ALL_REF].mean() / 1e12),
-        "tokens_kept_mean": float(per_image[:, _KEPT_COND].mean()),
-        "tokens_grid": L,
-        "kept_fraction_mean": float(per_image[:, _KEPT_COND].mean() / L),
+        **cost_metrics(per_image, K, L, branches),
         "latency_per_image_s": float(sum(m["seconds"] for m in markers) / N),
         "images_per_s": float(N / max(sum(m["seconds"] for m in markers) / world, 1e-9)),
         "decode_seconds": float(sum(m["decode_seconds"] for m in markers)),
@@ -290,8 +301,6 @@ def evaluate_command(cfg: DictConfig) -> Path | None:
         "peak_memory_kind": markers[0]["peak_kind"],
         "processes": world,
     })
-    if branches == 2:
-        metrics["tokens_kept_mean_uncond"] = float(per_image[:, _KEPT_UNCOND].mean())
     kept_steps = [np.asarray(m["kept_by_step"]) for m in markers if m["kept_by_step"] is not None]
     if kept_steps and K:
         metrics["per_step"] = {"t": next(m["ts"] for m in markers if m["ts"]),

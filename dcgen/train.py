@@ -496,7 +496,10 @@ def _open_run(cfg: DictConfig, procs: _Processes, parts: _Parts):
         return None
     file_log = logging.FileHandler(procs.run.log_file)
     file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    logging.getLogger("dcgen").addHandler(file_log)
+    dcgen_log = logging.getLogger("dcgen")
+    dcgen_log.addHandler(file_log)
+    if dcgen_log.getEffectiveLevel() > logging.INFO:  # the run's log holds its INFO lines, whoever
+        dcgen_log.setLevel(logging.INFO)              # configured logging (a library caller, pytest)
     if parts.upcycle_report is not None:
         report = dict(parts.upcycle_report)
         log.info("upcycled from %s: %s", report.pop("from"), report)
@@ -812,12 +815,13 @@ def _preview(cfg, task, model, objective, run: Run, step: int, writer):
     """A few samples from the EMA weights, written by the task and logged to TensorBoard."""
     from .pipeline import with_diffusers_samplers
     from .sample import generate, sampling_args
+    from .viz import is_image_batch
     out_dir = run.preview_dir(step)
     # the same sampler construction as `dcgen sample` (dpm++ and unipc through diffusers)
     result = generate(model, with_diffusers_samplers(objective), task, **sampling_args(cfg.sample),
                       seed=cfg.seed, record=False)
     data = task.decode(result["samples"])
     task.write_samples(data, out_dir, labels=result["labels"])
-    if writer is not None and data.dim() == 4 and data.shape[1] in (1, 3):
+    if writer is not None and is_image_batch(data):
         grid_img = (data[:16].clamp(-1, 1) + 1) / 2
         writer.add_images("samples", grid_img, step)

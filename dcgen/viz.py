@@ -58,6 +58,11 @@ def save_image(image: Any, path: str | Path) -> Path:
     return path
 
 
+def is_image_batch(data) -> bool:
+    """Decoded samples that are images: (N, 1 or 3, H, W)."""
+    return getattr(data, "ndim", 0) == 4 and data.shape[1] in (1, 3)
+
+
 def save_image_grid(images: Any, path: str | Path, nrow: int | None = None,
                     padding: int = 2) -> Path:
     """(N, C, H, W) images in [-1, 1] -> one PNG, `nrow` images per row (default ~sqrt(N)),

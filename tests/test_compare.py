@@ -1,4 +1,4 @@
-"""tools/compare.py end to end in a tiny configuration: two experiments (DC-DiT and DiT/4 on the
+"""`dcgen compare` end to end in a tiny configuration: two experiments (DC-DiT and DiT/4 on the
 digits), two seeds trained side by side, two evaluation points, a few samples, FID through a
 random-weight Inception, two guidance scales, boundary maps."""
 import importlib.util
@@ -15,18 +15,25 @@ def load_tool(name):
     return mod
 
 
+def dcgen(*args) -> int:
+    from dcgen.cli import main
+    return main(["compare", *args])
+
+
+def overrides(keys) -> str:
+    return "train_overrides=[" + ",".join(f"'{k}'" for k in keys) + "]"
+
+
 def test_compare_writes_table_json_and_plots(tmp_path):
     from dcgen.metrics import save_random_inception_weights
-    compare = load_tool("compare")
     weights = save_random_inception_weights(tmp_path / "inception.pt")
     out = tmp_path / "cmp"
     tiny = ["model.hidden_size=64", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8",
             "train.log_every=1", "train.ckpt_every=2", "train.log_with=none"]
-    assert compare.main(["--experiments", "digits_dcdit", "digits_dit4", "--out", str(out), "--steps", "4",
-                         "--eval-every", "2", "--num-samples", "10", "--sample-steps", "2",
-                         "--tail-drops", "0", "0.5", "--inception", str(weights), "--reference-limit", "20",
-                         "--batch-size", "10", "--seeds", "0", "1", "--jobs", "2", "--cfg-scale", "2", "1",
-                         "--map-samples", "2", *tiny]) == 0
+    assert dcgen("experiments=[digits_dcdit,digits_dit4]", f"out={out}", "steps=4", "eval_every=2",
+                 "sample.num_samples=10", "sample.steps=2", "tail_drops=[0,0.5]", f"inception={weights}",
+                 "reference_limit=20", "sample.batch_size=10", "seeds=[0,1]", "jobs=2", "sample.cfg_scale=2",
+                 "extra_cfg_scales=[1]", "map_samples=2", overrides(tiny)) == 0
     summary = json.loads((out / "compare.json").read_text())
     dc, dit = summary["results"]["digits_dcdit"]["seeds"], summary["results"]["digits_dit4"]["seeds"]
     assert sorted(dc) == sorted(dit) == ["0", "1"]
@@ -56,8 +63,8 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         assert (out / name).stat().st_size > 1000
     # the same runs reported at an equal earlier step, elsewhere; the full report stays as it was
     early = tmp_path / "at2"
-    assert compare.main(["--report", "--experiments", "digits_dcdit", "digits_dit4", "--seeds", "0", "1",
-                         "--out", str(out), "--upto-step", "2", "--report-to", str(early)]) == 0
+    assert dcgen("report=true", "experiments=[digits_dcdit,digits_dit4]", "seeds=[0,1]", f"out={out}",
+                 "upto_step=2", f"report_to={early}") == 0
     md2 = (early / "compare.md").read_text()
     assert "| digits_dcdit | 2 | 0 | 2 | 2 |" in md2 and "| digits_dit4 | 2 | 0 | 2 | 2 |" in md2
     assert "| 4 |" not in md2 and (out / "compare.md").read_text() == md
@@ -84,7 +91,6 @@ def test_make_shapes_writes_closed_varied_reproducible_meshes(tmp_path):
 
 def test_compare_scores_voxels_with_shape_metrics(tmp_path):
     """The voxel comparison: procedural shapes, 1-NNA/COV/MMD instead of FID."""
-    compare = load_tool("compare")
     shapes = load_tool("make_shapes")
     root = tmp_path / "shapes"
     shapes.write_shapes(root, per_class=2, seed=0)
@@ -92,10 +98,9 @@ def test_compare_scores_voxels_with_shape_metrics(tmp_path):
     tiny = [f"task.root={root}", "task.resolution=8", "model.hidden_size=64", "model.depth=1",
             "model.num_heads=2", "train.global_batch_size=4", "train.log_every=1",
             "train.ckpt_every=2", "train.log_with=none"]
-    assert compare.main(["--experiments", "voxels_dcdit", "voxels_dit4", "--out", str(out), "--steps", "2",
-                         "--eval-every", "2", "--num-samples", "6", "--sample-steps", "2",
-                         "--tail-drops", "0", "0.5", "--num-reference", "6", "--batch-size", "6",
-                         "--map-samples", "0", *tiny]) == 0
+    assert dcgen("experiments=[voxels_dcdit,voxels_dit4]", f"out={out}", "steps=2", "eval_every=2",
+                 "sample.num_samples=6", "sample.steps=2", "tail_drops=[0,0.5]", "num_reference=6",
+                 "sample.batch_size=6", "map_samples=0", overrides(tiny)) == 0
     summary = json.loads((out / "compare.json").read_text())
     for exp in ("voxels_dcdit", "voxels_dit4"):
         e = summary["results"][exp]["seeds"]["0"]["points"][-1]["evals"][0]
@@ -109,17 +114,16 @@ def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
     """A second call with more steps resumes the run and reuses the rows already scored with the
     same sampling settings; a call with other settings scores again."""
     from dcgen.metrics import save_random_inception_weights
-    compare = load_tool("compare")
     weights = save_random_inception_weights(tmp_path / "inception.pt")
     out = tmp_path / "cmp"
     tiny = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=4",
             "train.log_every=1", "train.ckpt_every=2", "train.log_with=none"]
 
     def call(steps, num_samples, scales=("1",)):
-        assert compare.main(["--experiments", "digits_dit4", "--out", str(out), "--steps", str(steps),
-                             "--eval-every", "2", "--num-samples", str(num_samples), "--sample-steps", "2",
-                             "--inception", str(weights), "--reference-limit", "20", "--batch-size", "10",
-                             "--cfg-scale", *scales, "--map-samples", "0", *tiny]) == 0
+        assert dcgen("experiments=[digits_dit4]", f"out={out}", f"steps={steps}", "eval_every=2",
+                     f"sample.num_samples={num_samples}", "sample.steps=2", f"inception={weights}",
+                     "reference_limit=20", "sample.batch_size=10", f"sample.cfg_scale={scales[0]}",
+                     f"extra_cfg_scales=[{','.join(scales[1:])}]", "map_samples=0", overrides(tiny)) == 0
         return json.loads((out / "compare.json").read_text())["results"]["digits_dit4"]["seeds"]["0"]
 
     first = call(2, 6, ("1", "2"))

