@@ -34,12 +34,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .io import load_run
 from .run import Run
 
 
 def train_to(exp: str, run_dir: Path, steps: int, seed: int, threads: int, extra: list[str]) -> float:
     """Train (or resume) `run_dir` up to `steps` in this process; returns the seconds spent."""
-    from .cli import compose, compose_resume
+    from .config import compose, compose_resume
     from .train import train
     overrides = [f"experiment={exp}", f"seed={seed}", f"train.max_steps={steps}", "train.sample_every=0",
                  f"train.num_threads={threads}", f"run_dir={run_dir}", *extra]
@@ -132,7 +133,7 @@ def cached_row(d: Path, cfg: DictConfig) -> dict | None:
 def seconds_per_step(run_dir: Path) -> float | None:
     """From the run's metrics records (samples/s at each log step) and its global batch: the
     training speed, logging steps only."""
-    from .cli import load_run_config
+    from .config import load_run_config
     run = Run(run_dir)
     G = int(load_run_config(run.config_file).train.global_batch_size)
     rates = [rec["samples_per_s"] for rec in run.read_metrics() if "samples_per_s" in rec]
@@ -144,7 +145,7 @@ def seconds_per_step(run_dir: Path) -> float | None:
 
 def boundary_maps(run_dir: Path, cfg: DictConfig, seed: int, out: Path) -> None:
     """`dcgen sample`'s boundary maps and kept-fraction-vs-t for a DC-DiT run."""
-    from .cli import compose
+    from .config import compose
     from .sample import sample_command
     s = cfg.sample
     sample_command(compose("sample", [f"run_dir={run_dir}", f"out_dir={out}", f"num_samples={cfg.map_samples}",
@@ -162,7 +163,7 @@ def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
     r = {"points": [], "train_seconds": 0.0}
     for k in points:
         r["train_seconds"] += train_to(exp, run_dir, k, seed, cfg.threads, overrides)
-        model, objective, task, _ = Run(run_dir).load("cpu")  # one load per point, shared by its evaluations
+        model, objective, task, _ = load_run(run_dir, "cpu")  # one load per point, shared by its evaluations
         from .viz import is_image_batch
         chunking = model.drops_tokens  # tail-drop budgets apply
         images = is_image_batch(task.decode(task.train_dataset()[0][0][None]))

@@ -323,6 +323,23 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Modul
     return model.eval()
 
 
+def load_run(run_dir, device) -> tuple:
+    """(model with the export's EMA weights, objective, task, export config) of a run dir or an
+    export: what `dcgen sample`, `dcgen evaluate` and `dcgen compare` load."""
+    from .trust import build
+    d = resolve_export_dir(run_dir)  # the run dir's (or export's) files are checked once, here
+    ecfg = read_export_config(d)  # checked before anything is built
+    where = str(d / "dcgen.json")
+    if "task" not in ecfg:
+        raise ValueError(f"{run_dir}: the export has no task config; sample it from Python with "
+                         "dcgen.sample.generate(model, objective, task)")
+    task = build(ecfg["task"], "task", where)
+    objective = build(ecfg.get("objective") or {"_target_": "dcgen.diffusion.GaussianDiffusion"},
+                      "objective", where)
+    model = load_model(d, device=device)
+    return model, objective, task, ecfg
+
+
 def push_to_hub(export_dir, repo_id: str, private: bool = False, token=None) -> str:
     """Upload an export directory (config.json, model.safetensors, dcgen.json) to the Hub."""
     from huggingface_hub import HfApi

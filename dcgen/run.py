@@ -99,12 +99,6 @@ class Run:
         """checkpoints/step_NNNNNNNN (kept or not)."""
         return self.checkpoints / f"step_{step:08d}"
 
-    def load(self, device="cpu") -> tuple:
-        """(model with the EMA weights of the export, objective, task, export config): what
-        `dcgen sample` and `dcgen evaluate` load (dcgen.sample.load_run)."""
-        from .sample import load_run
-        return load_run(self.root, device)
-
     # -- config -----------------------------------------------------------------------------------
     def has_config(self) -> bool:
         return self.config_file.exists()

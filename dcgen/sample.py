@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .diffusion.objective import check_objective
+from .io import load_run  # noqa: F401  (re-exported: dcgen.sample.load_run)
 from .rng import host_to_device
 from .run import SAMPLE_CONFIG_FILE, Run
 from .diffusion.guidance import conditional_net
@@ -218,23 +219,6 @@ def write_boundary_outputs(result: dict, task, out_dir: Path) -> list[Path]:
                   "seconds_per_sample": result["seconds"] / max(1, result["samples"].shape[0])})
     written.append(viz.write_stats_json(stats, out_dir / "stats.json"))
     return written
-
-
-def load_run(run_dir, device) -> tuple:
-    """(model, objective, task, export config) of a run dir or an exported checkpoint dir."""
-    from .io import load_model, read_export_config, resolve_export_dir
-    from .trust import build
-    d = resolve_export_dir(run_dir)  # the run dir's (or export's) files are checked once, here
-    ecfg = read_export_config(d)  # checked before anything is built
-    where = str(d / "dcgen.json")
-    if "task" not in ecfg:
-        raise ValueError(f"{run_dir}: the export has no task config; sample it from Python with "
-                         "dcgen.sample.generate(model, objective, task)")
-    task = build(ecfg["task"], "task", where)
-    objective = build(ecfg.get("objective") or {"_target_": "dcgen.diffusion.GaussianDiffusion"},
-                      "objective", where)
-    model = load_model(d, device=device)
-    return model, objective, task, ecfg
 
 
 def sample_command(cfg: DictConfig) -> Path:

@@ -24,8 +24,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from .validate import (MAX_SEED, MIXED_PRECISION, TRACKERS, Rule, boolean, choice, either, int_, list_of,
-                       num, optional, path_str)
+from .rules import (MAX_SEED, MIXED_PRECISION, TRACKERS, Rule, boolean, choice, either, int_, list_of, num,
+                    optional, path_str)
 
 DEVICE = Rule(lambda v: isinstance(v, str) and __import__("re").fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
               "auto, cpu, cuda or cuda:N")
@@ -212,8 +212,40 @@ class CompareConfig:
     worker: Optional[str] = key(None, None, "internal: EXPERIMENT:SEED, one pair in this process")
 
 
+@dataclass
+class ConvertConfig:
+    format: str = key("???", choice("dit", "amd-dcdit"),
+                      "dit: facebookresearch/DiT; amd-dcdit: AMD-AGI/DynamicChunkingDiT")
+    input: str = key("???", path_str(), "the checkpoint file (.pt), read with a restricted unpickler")
+    out_dir: str = key("???", path_str(), "the export directory to write (replaced if it is an export)")
+    use: Optional[str] = key(None, choice(None, "ema", "model"), "which weights of a {model, ema} checkpoint "
+                             "(null: ema)")
+    num_heads: Optional[int] = key(None, optional(int_(1)), "attention heads, for widths other than the "
+                                   "published sizes")
+    input_size: Optional[List[int]] = key(None, optional(list_of(int_(1), nonempty=True)),
+                                          "input size per axis, only needed when the checkpoint has no pos_embed")
+    dechunk_sigma: Optional[float] = key(None, optional(num(0, lo_open=True)),
+                                         "amd-dcdit: de-chunk sigma (null: the checkpoint's config, else 1.0)")
+    cfg_channels: Optional[str] = key(None, choice(None, "all", "legacy3"),
+                                      "guided channels written to sample.cfg_channels (null: dit legacy3, "
+                                      "amd-dcdit all)")
+
+
+@dataclass
+class ElasticConfig:
+    run_dir: Optional[str] = key(None, optional(path_str()), "the run or export directory to evaluate")
+    budgets: List[float] = key([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], list_of(num(0, 1, hi_open=True), nonempty=True),
+                               "the tail-drop budgets rho, one evaluation each")
+    out_dir: Optional[str] = key(None, None, "null: <run_dir>/eval/elastic")
+    lite_cfg: bool = key(False, boolean(), "also evaluate every budget under Lite-CFG (cfg_scale 1.25, rho_u 0.9)")
+    tabulate: Optional[List[str]] = key(None, optional(list_of(path_str(), nonempty=True)),
+                                        "only tabulate these finished evaluation folders")
+    evaluate_overrides: List[str] = key([], None, "key=value overrides of every dcgen evaluate")
+
+
 SCHEMAS = {"train": "TrainConfig", "sample": "SampleConfig", "evaluate": "EvaluateConfig",
-           "prepare": "PrepareConfig", "export": "ExportConfig", "compare": "CompareConfig"}
+           "prepare": "PrepareConfig", "export": "ExportConfig", "compare": "CompareConfig",
+           "convert": "ConvertConfig", "elastic": "ElasticConfig"}
 
 
 def schema(command: str) -> type:

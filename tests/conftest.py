@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers from each other (test_train, ...)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -8,7 +8,7 @@ from dcgen.chunking import ChunkIndex, ChunkLayer, DeChunkLayer, RoutingModule, 
 from dcgen.chunking import grid as G
 from dcgen.chunking.chunk import tail_drop_mask
 from dcgen.chunking.router import CosineRouter, CausalCosineRouter, finish_probs
-from oracles import dense_dechunk, dense_plug_back, random_mask
+from dcgen.chunking.reference import dense_dechunk, dense_plug_back, random_mask
 
 GRIDS = [(37,), (8, 11), (4, 6, 5), (32, 32)]
 DENSITIES = [0.02, 0.1, 0.3, 0.6]

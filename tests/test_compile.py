@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from dcgen.models import DCDiT, DiT
 from dcgen.models import attention as A
 from dcgen.models.compile import bucket_length, bucket_sizes, compile_backbone
-from oracles import randomise_zero_inits
+from dcgen.chunking.reference import randomise_zero_inits
 
 
 def randomise(model, seed=0):

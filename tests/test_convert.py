@@ -511,17 +511,23 @@ def test_amd_b_n4_real_shapes_map_onto_meta_model(tmp_path):
 
 
 def test_cli_converts_and_reports_errors(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from dcgen.cli import main
     f = save_reference_ckpt(tmp_path / "r.pt", tiny_reference_state())
-    rc = cli.main(["--format", "amd-dcdit", "--input", str(f), "--output", str(tmp_path / "out"),
-                   "--cfg-channels", "legacy3"])
+    rc = main(["convert", "format=amd-dcdit", f"input={f}", f"out_dir={tmp_path / 'out'}", "cfg_channels=legacy3"])
     assert rc == 0 and "DCDiT" in capsys.readouterr().out
     assert read_export_config(tmp_path / "out")["sample"]["cfg_channels"] == "legacy3"
-    rc = cli.main(["--format", "dit", "--input", str(f), "--output", str(tmp_path / "out2")])
-    assert rc == 1 and "error" in capsys.readouterr().err
+    rc = main(["convert", "format=dit", f"input={f}", f"out_dir={tmp_path / 'out2'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "error" in err[0]  # one line, the bad-input exit code
     assert not (tmp_path / "out2").exists()
+    rc = main(["convert", "format=onnx", f"input={f}", f"out_dir={tmp_path / 'out3'}"])
+    assert rc == 2 and "format='onnx': expected one of dit, amd-dcdit" in capsys.readouterr().err
+    # the old tool's spelling drives the same command
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--format", "amd-dcdit", "--input", str(f), "--output", str(tmp_path / "out4")]) == 0
+    assert read_export_config(tmp_path / "out4")["sample"]["cfg_channels"] == "all"
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dcgen.flops import (FlopMeter, attention_macs, dcdit_tflops_per_image, dit_gflops,
                          model_flops, per_sample_macs, step_macs)
 from dcgen.models import DCDiT, DiT, build, config_node
-from oracles import randomise_zero_inits
+from dcgen.chunking.reference import randomise_zero_inits
 
 SCAFFOLD = ("embed", "encoder", "router", "decoder", "final")
 

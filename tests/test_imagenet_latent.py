@@ -282,17 +282,17 @@ def test_elastic_inference_flops_and_tokens(ws, tmp_path):
     c = cost_summary(model, lite, 2)["per_image"]
     assert (c[:, 4] < c[:, 3]).all() and (c[:, 0] < 2 * c[:, 1]).all()  # pruned unconditional branch
 
-    # the tools: quality-against-FLOPs table and boundary maps over timesteps
-    table = _load_tool("elastic_table")
+    # `dcgen elastic` (quality against FLOPs) and the boundary maps over timesteps
+    from dcgen.cli import main
     out = tmp_path / "elastic"
-    assert table.main(["--run-dir", str(tmp_path / "export"), "--budgets", "0", "0.6", "--out", str(out),
-                       "num_samples=2", "steps=2", "evaluate.metrics=[]", "evaluate.npz=false"]) == 0
+    assert main(["elastic", f"run_dir={tmp_path / 'export'}", "budgets=[0,0.6]", f"out_dir={out}",
+                 "evaluate_overrides=['num_samples=2','steps=2','evaluate.metrics=[]','evaluate.npz=false']"]) == 0
     rows = json.loads((out / "elastic_table.json").read_text())["rows"]
     assert [r["tail_drop"] for r in rows] == [0.0, 0.6]
     assert rows[0]["tflops_per_image"] > rows[1]["tflops_per_image"] and rows[1]["tflops_change"] < 0
     assert rows[0]["tokens_kept_mean"] > rows[1]["tokens_kept_mean"]
     assert "| ρ |" in (out / "elastic_table.md").read_text()
-    maps = _load_tool("boundary_maps")
+    maps = _load_tool("boundary_maps")  # the driver of dcgen.analysis.boundary_maps
     mo = tmp_path / "maps"
     assert maps.main(["--run-dir", str(tmp_path / "export"), "--out", str(mo), "--num-samples", "1",
                       "--steps", "3", "--timesteps", "3", "--tail-drop", "0", "0.5", "--labels", "2"]) == 0

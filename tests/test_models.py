@@ -5,7 +5,7 @@ import torch
 from dcgen.chunking import grid as G
 from dcgen.models import DCDiT, DiT, build, config_node, describe
 from dcgen.models.attention import PackInfo, available_backends, varlen_attention
-from oracles import randomise_zero_inits
+from dcgen.chunking.reference import randomise_zero_inits
 
 RANK_GRIDS = [(24,), (8, 10), (4, 6, 5)]
 

@@ -9,7 +9,7 @@ from dcgen.chunking import grid as G
 from dcgen.chunking.router import finish_probs
 from dcgen.models import DCDiT, DiT
 from dcgen.models import attention as A
-from oracles import randomise_zero_inits
+from dcgen.chunking.reference import randomise_zero_inits
 
 BF16 = torch.bfloat16
 COMPAT = dict(block_adaln_init="xavier", residual_proj_init="xavier", residual_autocast=True,

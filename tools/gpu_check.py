@@ -7,7 +7,7 @@
 
 Sections (each records pass / fail / skipped with the reason, and never stops the others):
   pytest     `pytest -m gpu tests/` (the CUDA-marked tests)
-  chunking   the chunking core on the device against the CPU / dense oracles (tests/oracles.py) in
+  chunking   the chunking core on the device against the CPU / dense oracles (dcgen.chunking.reference) in
              fp32 with TF32 off: identical router masks (strict p > 0.5, forced corners), tail-drop
              masks (ties to the earlier raster index), plug-back indices (ties to the earliest kept
              token), de-chunk smoothing within 1e-5; grids of rank 1, 2 and 3
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -50,22 +49,12 @@ from pathlib import Path
 
 import torch
 
+import dcgen.benchmark as benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # oracles.py
 
 SCHEMA = 1
 SECTIONS = ("pytest", "chunking", "attention", "ddp", "training")
-
-
-def load_tool(name: str):
-    mod_name = f"dcgen_tools_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def sync(dev: torch.device):
@@ -96,7 +85,7 @@ def machine(dev: torch.device) -> dict:
         info["device_count"] = torch.cuda.device_count()
         info["memory_GiB"] = round(torch.cuda.get_device_properties(dev).total_memory / 2**30, 1)
     else:
-        info["name"] = load_tool("bench").cpu_model()
+        info["name"] = benchmark.cpu_model()
         info["device_count"] = 0
     return info
 
@@ -123,7 +112,7 @@ def check_pytest(dev, args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def check_chunking(dev, args) -> dict:
-    from oracles import dense_dechunk, dense_plug_back, random_mask
+    from dcgen.chunking.reference import dense_dechunk, dense_plug_back, random_mask
 
     from dcgen.chunking import grid as G
     from dcgen.chunking.chunk import ChunkIndex, DeChunkLayer, tail_drop_mask
@@ -288,7 +277,6 @@ def training_run(kind: str, dev, args, compiled: bool) -> dict:
     from dcgen.models import build
     from dcgen.models.compile import compile_backbone
 
-    bench = load_tool("bench")
     if args.smoke:
         grid, B, D, depth, heads, steps, warm = (8, 8), 4, 64, 2, 4, 3, 1
     else:
@@ -306,8 +294,8 @@ def training_run(kind: str, dev, args, compiled: bool) -> dict:
     y = torch.randint(0, 1000, (B,), generator=gen).to(dev)
     kept = None
     if kind == "dcdit":  # an untrained router keeps ~2 tokens: force a realistic 25 +- 5 %
-        fracs = bench.kept_fractions(0.25, 0.2, B)
-        kept = bench.KeptFraction(model, "mask", fracs, x, torch.zeros(B, dtype=torch.long, device=dev), y)
+        fracs = benchmark.kept_fractions(0.25, 0.2, B)
+        kept = benchmark.KeptFraction(model, "mask", fracs, x, torch.zeros(B, dtype=torch.long, device=dev), y)
     if compiled:
         compile_backbone(model, backend="aot_eager" if args.smoke else "inductor")
     diffusion = GaussianDiffusion()
@@ -561,7 +549,7 @@ def main(argv=None) -> dict:
     slug = re.sub(r"[^a-z0-9]+", "-", f"{dev.type}-{info['name']}{'-smoke' if args.smoke else ''}".lower()).strip("-")
     path = out / "gpu_check" / f"{slug}.json"
     path.write_text(json.dumps(run, indent=1, default=str) + "\n")
-    load_tool("bench").write_markdown(out, lambda msg: print(msg, file=sys.stderr))
+    benchmark.write_markdown(out, lambda msg: print(msg, file=sys.stderr))
     log(f"wrote {path} and {out / 'performance.md'}: {'PASS' if run['ok'] else 'FAIL'}")
     return run
 

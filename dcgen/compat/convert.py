@@ -561,3 +561,29 @@ __all__ = ["convert_dit", "convert_amd_dcdit", "map_dit_state", "map_amd_dcdit_s
            "load_dit_checkpoint", "load_reference_checkpoint", "RestrictedUnpickler",
            "ConfigPlaceholder", "restricted_pickle", "config_value", "strip_prefixes",
            "expected_shapes"]
+
+
+def convert_command(cfg):
+    """`dcgen convert format=dit|amd-dcdit input=... out_dir=...`: the checkpoint as a dcgen export
+    (config.json + model.safetensors + dcgen.json); then `dcgen sample run_dir=<out_dir>`."""
+    from ..io import export_model
+    from ..validate import ConfigError
+    size = list(cfg.input_size) if cfg.input_size is not None else None
+    try:
+        if cfg.format == "dit":
+            model, extra = convert_dit(cfg.input, use=cfg.use, num_heads=cfg.num_heads, input_size=size,
+                                       cfg_channels=cfg.cfg_channels or "legacy3")
+        else:
+            model, extra = convert_amd_dcdit(cfg.input, use=cfg.use or "ema", num_heads=cfg.num_heads,
+                                             dechunk_sigma=cfg.dechunk_sigma, input_size=size,
+                                             cfg_channels=cfg.cfg_channels or "all")
+    except FileNotFoundError as e:
+        raise ConfigError(f"input={cfg.input}: {e}") from None
+    out = export_model(model, cfg.out_dir, extra)
+    n = sum(p.numel() for p in model.parameters())
+    c = model.config
+    print(f"wrote {out}: {type(model).__name__} D={c['hidden_size']} depth={c['depth']} "
+          f"heads={c['num_heads']} input={c['input_size']} classes={c['num_classes']} "
+          f"({n / 1e6:.2f}M parameters, weights: {extra['source']['weights']})")
+    return out
+

@@ -1,10 +1,11 @@
-"""Dense O(M^2) / O(L M) reference formulas of METHOD §5.1. Test oracles only: the library never
-builds these (B, M, M) / (L, M) tensors."""
+"""Dense O(M^2) / O(L M) reference formulas of METHOD §5.1: the oracles the chunking core is checked
+against (tests, and tools/gpu_check.py on a device). The library's own paths never build these
+(B, M, M) / (L, M) tensors."""
 from __future__ import annotations
 
 import torch
 
-from dcgen.chunking import grid as G
+from . import grid as G
 
 
 def dense_plug_back(mask: torch.Tensor, grid, weights=None) -> torch.Tensor:
