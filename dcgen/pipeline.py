@@ -56,6 +56,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .codec import SD_SCALE
+from .diffusion.common import StepRecorder
 from .diffusion.gaussian import GaussianDiffusion, space_timesteps
 from .diffusion.guidance import conditional_net
 
@@ -478,21 +479,9 @@ class DCDiTPipeline(DiffusionPipeline):
 
         net = conditional_net(model, int(getattr(model, "num_classes", 0) or 0), guidance_scale,
                               cfg_channels or self.config.cfg_channels, tail_drop, tail_drop_uncond)
-        maps, kept, ts = [], [], []
-
-        def record(i, t, x_t, out, aux):
-            ts.append(t)
-            if return_boundary_maps:
-                if aux:
-                    s = aux[0]
-                    L = s.boundary_prob.shape[1]
-                    maps.append(s.boundary_prob[:B].float().cpu())
-                    kept.append(s.kept_counts[:B].double().cpu() / L)
-                else:
-                    kept.append(torch.ones(B, dtype=torch.float64))
-            if callback is not None:
-                callback(i, t, x_t, out, aux)
-
+        # the recording of dcgen.sample.generate: every call's kept fraction, and with
+        # return_boundary_maps every call's map of the B (conditional) rows
+        record = StepRecorder(B, map_rows=B if return_boundary_maps else 0, then=callback)
         x = denoise(net, self.scheduler, latents, y, num_inference_steps, timesteps=timesteps,
                     generator=generator, eta=eta, callback=record, progress=self.progress_bar)
 
@@ -510,8 +499,9 @@ class DCDiTPipeline(DiffusionPipeline):
 
         result = DCDiTPipelineOutput(images=images)
         if return_boundary_maps:
+            maps = [record.maps[i][0] for i in sorted(record.maps)]
             result = DCDiTPipelineOutput(images=images, boundary_maps=maps if maps else None,
-                                         kept_fraction=torch.stack(kept, 1), timesteps=ts,
+                                         kept_fraction=record.kept_matrix(), timesteps=record.ts,
                                          token_grid=tuple(getattr(model, "token_grid", ())))
         return result if return_dict else result.to_tuple()
 

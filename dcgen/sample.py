@@ -19,6 +19,7 @@ from .diffusion.objective import check_objective
 from .io import load_run  # noqa: F401  (re-exported: dcgen.sample.load_run)
 from .rng import host_to_device
 from .run import SAMPLE_CONFIG_FILE, Run
+from .diffusion.common import StepRecorder
 from .diffusion.guidance import conditional_net
 
 log = logging.getLogger("dcgen.sample")
@@ -131,44 +132,26 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
     shape_one = (task.channels, *task.grid)
     outs, rec = [], {"ts": None, "kept": [], "mean_p": [], "maps": {}, "step_flops": []}
     map_calls = None
+    if record:
+        n_calls = objective.model_calls(steps, sampler)
+        map_calls = set(np.linspace(0, max(n_calls - 1, 0), map_timesteps).round().astype(int).tolist())
     t0 = time.time()
     for start in range(0, num_samples, batch_size):
         B = min(batch_size, num_samples - start)
         y = host_to_device(labels[start:start + B], device) if labels is not None else None
         noise = host_to_device(torch.randn(B, *shape_one, generator=gen), device)
-        ts, kept, mean_p, flops = [], [], [], []
-
-        def callback(i, t_orig, x_t, out, aux):
-            if not record:
-                return
-            ts.append(float(t_orig if not torch.is_tensor(t_orig) else t_orig.flatten()[0]))
-            if aux:
-                s = aux[0]
-                L = s.boundary_prob.shape[1]
-                kept.append((s.kept_counts[:B].double() / L).cpu())
-                mean_p.append(s.boundary_prob[:B].float().mean(1).cpu())
-                if flop_fn is not None:
-                    flops.append(flop_fn(s.kept_counts))  # every branch's samples
-                lo = max(0, min(map_samples, B - 0)) if start == 0 else 0
-                if lo and map_calls is not None and i in map_calls:
-                    rec["maps"][i] = (s.boundary_prob[:lo].float().cpu(), x_t[:lo].float().cpu(),
-                                      float(ts[-1]))
-            else:
-                kept.append(torch.ones(B, dtype=torch.float64))
-                mean_p.append(torch.ones(B))
-
-        if record and map_calls is None:
-            n_calls = objective.model_calls(steps, sampler)
-            map_calls = set(np.linspace(0, max(n_calls - 1, 0), map_timesteps).round().astype(int).tolist())
+        recorder = StepRecorder(B, map_rows=min(map_samples, B) if start == 0 else 0, map_calls=map_calls,
+                                flop_fn=flop_fn) if record else None
         x = objective.sample(net, (B, *shape_one), y=y, steps=steps, method=sampler, noise=noise,
-                             generator=gen, callback=callback, progress=progress, device=device)
+                             generator=gen, callback=recorder, progress=progress, device=device)
         outs.append(x.float().cpu())
         if record:
-            rec["ts"] = ts
-            rec["kept"].append(torch.stack(kept, 1) if kept else torch.zeros(B, 0))
-            rec["mean_p"].append(torch.stack(mean_p, 1) if mean_p else torch.zeros(B, 0))
-            if flops:
-                rec["step_flops"].append(torch.stack([torch.as_tensor(f, dtype=torch.float64) for f in flops], 1))
+            rec["ts"] = recorder.ts
+            rec["kept"].append(recorder.kept_matrix())
+            rec["mean_p"].append(recorder.mean_p_matrix())
+            rec["maps"].update(recorder.maps)
+            if recorder.flops_matrix() is not None:
+                rec["step_flops"].append(recorder.flops_matrix())
     samples = torch.cat(outs)
     bad = int((~torch.isfinite(samples)).sum())
     if bad:

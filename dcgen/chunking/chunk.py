@@ -107,23 +107,24 @@ class ChunkIndex(PackInfo):
                    flat_idx=flat_idx, batch_idx=batch_idx, pos_idx=pos_idx, slot_idx=slot_idx)
 
 
-def tail_drop_mask(p: torch.Tensor, natural: torch.Tensor, rho, grid: G.Grid,
+def tail_drop_mask(p: torch.Tensor, natural: torch.Tensor, tail_drop, grid: G.Grid,
                    protect_forced: bool = True) -> torch.Tensor:
-    """Kept mask after dropping the floor(rho * |B_b|) lowest-p natural boundaries per sample.
+    """Kept mask after dropping the floor(tail_drop * |B_b|) lowest-p natural boundaries per sample
+    (the budget ρ of METHOD §6).
 
-    rho: float or (B,) tensor. Forced corners are never dropped (unless `protect_forced` is
+    tail_drop: float or (B,) tensor. Forced corners are never dropped (unless `protect_forced` is
     False, reproducing [R]'s Q6). Ranking: p descending on the exact fp32 p, ties to the smaller
     raster index (a stable sort over raster order), so among equal p the later position goes first.
     """
     B, L = p.shape
-    if not torch.is_tensor(rho):
-        if rho == 0:
+    if not torch.is_tensor(tail_drop):
+        if tail_drop == 0:
             return natural
-        if not 0 <= rho < 1:
-            raise ValueError(f"tail_drop must lie in [0, 1), got {rho}")
-    rho = torch.as_tensor(rho, dtype=torch.float32, device=p.device).expand(B)
+        if not 0 <= tail_drop < 1:
+            raise ValueError(f"tail_drop must lie in [0, 1), got {tail_drop}")
+    tail_drop = torch.as_tensor(tail_drop, dtype=torch.float32, device=p.device).expand(B)
     n_nat = natural.sum(1)  # (B,)
-    n_drop = torch.floor(rho * n_nat.float()).long()  # fp32 product, truncated (as [R])
+    n_drop = torch.floor(tail_drop * n_nat.float()).long()  # fp32 product, truncated (as [R])
     forced = G.forced_mask(L, p.device)
     if protect_forced:
         ranked = natural & ~forced

@@ -9,15 +9,12 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def call_model(model, x, t, y, tail_drop=None, model_kwargs=None):
-    """Call `model(x, t, y, tail_drop=...)`; tail_drop is only passed when given.
-
-    Leaving it out lets a wrapper (e.g. `guided_model`) apply its own per-branch budgets.
-    """
-    kw = dict(model_kwargs or {})
-    if tail_drop is not None:
-        kw["tail_drop"] = tail_drop
-    res = model(x, t, y, **kw)
+def call_model(model, x, t, y, model_kwargs=None):
+    """`model(x, t, y, **model_kwargs)`, checked to return (out, aux). Training passes its budget
+    as `model_kwargs={"tail_drop": ρ}`; samplers pass none: the model they run is wrapped with
+    its budgets (`guidance.conditional_net` / `guided_model`), the one route of tail_drop while
+    sampling."""
+    res = model(x, t, y, **(model_kwargs or {}))
     if not (isinstance(res, tuple) and len(res) == 2):
         raise ValueError("model must return a pair (out, aux)")
     return res
@@ -29,3 +26,52 @@ def progress_bar(it, enabled: bool, total: int | None = None):
         return it
     from tqdm.auto import tqdm
     return tqdm(it, total=total)
+
+
+class StepRecorder:
+    """The one recording of a sampling run's model calls (`callback(i, t, x_t, out, aux)` of every
+    sampler: dcgen's and the diffusers pipeline's). Per call, for the first `rows` samples of the
+    batch (the conditional half under CFG): the timestep, the kept fraction and mean boundary
+    probability of the first chunking stage, the MACs `flop_fn(kept_counts)` of every row when
+    given, and for the first `map_rows` samples the boundary-probability map and x_t at the calls
+    in `map_calls` (None: every call). A model that keeps every token records kept = mean p = 1."""
+
+    def __init__(self, rows: int, map_rows: int = 0, map_calls=None, flop_fn=None, then=None):
+        self.rows, self.map_rows, self.map_calls, self.flop_fn, self.then = rows, map_rows, map_calls, flop_fn, then
+        self.ts: list[float] = []
+        self.kept: list[torch.Tensor] = []
+        self.mean_p: list[torch.Tensor] = []
+        self.flops: list = []
+        self.maps: dict[int, tuple] = {}
+
+    def __call__(self, i, t, x_t, out, aux):
+        B = self.rows
+        self.ts.append(float(t if not torch.is_tensor(t) else t.flatten()[0]))
+        if aux:
+            s = aux[0]
+            L = s.boundary_prob.shape[1]
+            self.kept.append((s.kept_counts[:B].double() / L).cpu())
+            self.mean_p.append(s.boundary_prob[:B].float().mean(1).cpu())
+            if self.flop_fn is not None:
+                self.flops.append(self.flop_fn(s.kept_counts))  # every branch's rows
+            if self.map_rows and (self.map_calls is None or i in self.map_calls):
+                self.maps[i] = (s.boundary_prob[:self.map_rows].float().cpu(),
+                                x_t[:self.map_rows].float().cpu(), self.ts[-1])
+        else:
+            self.kept.append(torch.ones(B, dtype=torch.float64))
+            self.mean_p.append(torch.ones(B))
+        if self.then is not None:
+            self.then(i, t, x_t, out, aux)
+
+    def kept_matrix(self) -> torch.Tensor:
+        """(rows, calls) kept fractions."""
+        return torch.stack(self.kept, 1) if self.kept else torch.zeros(self.rows, 0, dtype=torch.float64)
+
+    def mean_p_matrix(self) -> torch.Tensor:
+        return torch.stack(self.mean_p, 1) if self.mean_p else torch.zeros(self.rows, 0)
+
+    def flops_matrix(self) -> torch.Tensor | None:
+        """(rows, calls, ...) of `flop_fn`'s rows, or None without flop_fn."""
+        if not self.flops:
+            return None
+        return torch.stack([torch.as_tensor(f, dtype=torch.float64) for f in self.flops], 1)

@@ -112,7 +112,8 @@ class FlowMatching:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
 
         x_s = self.interpolate(x0, s, noise)                                      # (B, C, *G)
-        out, aux = call_model(model, x_s, self.model_timesteps(s), y, tail_drop, model_kwargs)
+        out, aux = call_model(model, x_s, self.model_timesteps(s), y,
+                              {**(model_kwargs or {}), "tail_drop": tail_drop})
         if out.shape[1] < C:
             raise ValueError(f"model output has {out.shape[1]} channels, needs at least C={C}")
         mse = mean_flat((noise - x0 - out[:, :C]) ** 2)
@@ -151,7 +152,7 @@ class FlowMatching:
         def velocity(x, s: float):
             nonlocal calls
             t = torch.full((B,), s * T_SCALE, dtype=x.dtype, device=x.device)
-            out, aux = call_model(model, x, t, y, None, model_kwargs)
+            out, aux = call_model(model, x, t, y, model_kwargs)
             if callback is not None:
                 callback(calls, s * T_SCALE, x, out, aux)
             calls += 1

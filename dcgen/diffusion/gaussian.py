@@ -298,7 +298,7 @@ class GaussianDiffusion:
         Returns a dict: mean, log_variance, pred_x0, eps, out (raw model output), aux.
         """
         C = x.shape[1]
-        out, aux = call_model(model, x, self.model_timesteps(t), y, None, model_kwargs)
+        out, aux = call_model(model, x, self.model_timesteps(t), y, model_kwargs)
         eps, v = self._split(out, C)
         pred_x0 = self.predict_x0(x, t, eps)
         if clip_denoised:
@@ -332,7 +332,8 @@ class GaussianDiffusion:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
 
         x_t = self.q_sample(x0, t, noise)                                         # (B, C, *G)
-        out, aux = call_model(model, x_t, self.model_timesteps(t), y, tail_drop, model_kwargs)
+        out, aux = call_model(model, x_t, self.model_timesteps(t), y,
+                              {**(model_kwargs or {}), "tail_drop": tail_drop})
         eps, v = self._split(out, C)                                              # (B, C, *G) each
         terms = {"mse": mean_flat((noise - eps) ** 2)}
         if self.loss_type == "hybrid":
@@ -437,7 +438,7 @@ class GaussianDiffusion:
         B, C, K = x.shape[0], x.shape[1], diff.num_timesteps
         for i, ti in enumerate(progress_bar(range(K - 1, -1, -1), progress, K)):
             t = torch.full((B,), ti, dtype=torch.long, device=x.device)
-            out, aux = call_model(model, x, diff.model_timesteps(t), y, None, model_kwargs)
+            out, aux = call_model(model, x, diff.model_timesteps(t), y, model_kwargs)
             if callback is not None:
                 callback(i, int(diff.timestep_map[ti]), x, out, aux)
             eps = out[:, :C]

@@ -77,18 +77,17 @@ class GuidedModel:
         if "tail_drop" in kwargs:
             raise TypeError("the tail-drop budget of a guided model is set when it is wrapped "
                             "(guided_model(..., tail_drop=, tail_drop_uncond=)), not per call")
-        rho_c = self.tail_drop
         if cfg_branches(self.null_label + 1, self.cfg_scale) == 1:  # conditional by construction
-            return self.model(x, t, y, tail_drop=rho_c, **kwargs)
+            return self.model(x, t, y, tail_drop=self.tail_drop, **kwargs)
         if y is None:
             raise ValueError("classifier-free guidance needs labels y (model is unconditional?)")
         B, C = x.shape[0], x.shape[1]
-        rho_u = rho_c if self.tail_drop_uncond is None else self.tail_drop_uncond
+        tail_drop_uncond = self.tail_drop if self.tail_drop_uncond is None else self.tail_drop_uncond
         x2 = torch.cat([x, x], dim=0)                                             # (2B, C, *G)
         t2 = torch.cat([t, t], dim=0)                                             # (2B,)
         y2 = torch.cat([y, torch.full_like(y, self.null_label)], dim=0)           # (2B,)
-        rho2 = torch.cat([_per_sample(rho_c, B, x.device), _per_sample(rho_u, B, x.device)])
-        out2, aux = self.model(x2, t2, y2, tail_drop=rho2, **kwargs)              # (2B, C|2C, *G)
+        tail_drop2 = torch.cat([_per_sample(self.tail_drop, B, x.device), _per_sample(tail_drop_uncond, B, x.device)])
+        out2, aux = self.model(x2, t2, y2, tail_drop=tail_drop2, **kwargs)              # (2B, C|2C, *G)
         cond, uncond = out2[:B], out2[B:]
         k = C if self.cfg_channels == "all" else min(3, C)
         guided = uncond[:, :k] + self.cfg_scale * (cond[:, :k] - uncond[:, :k])
