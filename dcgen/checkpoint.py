@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import fsync_dir, fsync_file
 from .rng import check_rng_state, rng_state
 from .run import CHECKPOINTS, Run
 from .validate import one_line
@@ -41,24 +42,6 @@ def _fault(stage: str):
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions): its temporary folder is
     removed, the previous checkpoint is intact; the CLI reports one line and exits 2."""
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
 
 
 def ranks_agree(state, ok: bool) -> bool:
@@ -110,21 +93,21 @@ def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extr
                                           "state.json")]
             _fault("before_rename")
         for f in written:
-            _fsync_file(f)
+            fsync_file(f)
     except OSError as e:
         error = e
     if not ranks_agree(accelerator, error is None):
         return _failed_save(tmp, is_main, error, step)
     if is_main:
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         ptr_tmp = root / ".latest.tmp"
         ptr_tmp.write_text(final.name)
-        _fsync_file(ptr_tmp)
+        fsync_file(ptr_tmp)
         os.replace(ptr_tmp, root / "latest")
-        _fsync_dir(root)
+        fsync_dir(root)
         old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)
         for p in old[: max(0, len(old) - (keep - 1))]:
             if keep_every and _step_of(p) > 0 and _step_of(p) % keep_every == 0:

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
+from .files import fsync_file
 from .run import LEGACY_EXPORT_CONFIG, Run
 
 CONFIG_FILE = "config.json"  # the model description (Hugging Face layout)
@@ -88,11 +89,6 @@ def plain(obj):
 # export
 # --------------------------------------------------------------------------------------------
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
     """Write `out_dir/config.json` (dcgen.models.describe(model)), `out_dir/model.safetensors`
     and, with `extra` (task, objective, step, sample, ...), `out_dir/dcgen.json`. Atomic: the
@@ -140,7 +136,7 @@ def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
             (tmp / EXTRA_FILE).write_text(json.dumps(plain(extra), indent=2) + "\n")
             written.append(EXTRA_FILE)
         for name in written:
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
         if out.exists():
             # a directory cannot be os.replace'd onto a non-empty one: move the old aside first
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

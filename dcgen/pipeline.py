@@ -347,7 +347,7 @@ class DCDiTPipeline(DiffusionPipeline):
 
         from .io import PIPELINE_INDEX, PIPELINE_TRANSFORMER, export_model
         from .models import unwrap
-        from .run import atomic_write_text
+        from .files import atomic_write_text
         if kwargs:
             raise TypeError(f"DCDiTPipeline.save_pretrained takes no {', '.join(sorted(kwargs))}")
         out = Path(save_directory)

@@ -16,9 +16,10 @@ rewrites it) go through a temporary file and an atomic rename.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from .files import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
@@ -31,22 +32,6 @@ SAMPLE_CONFIG_FILE = "sample_config.yaml"  # beside the files of one `dcgen samp
 EVAL_CONFIG_FILE = "evaluate_config.yaml"  # beside the files of one `dcgen evaluate` call
 # exports written before 2026-11-30 carried the run's config file instead of config.json
 LEGACY_EXPORT_CONFIG = CONFIG_FILE
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, fsynced and renamed:
-    a reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class Run:

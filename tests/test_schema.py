@@ -67,3 +67,23 @@ def test_the_yaml_files_do_not_restate_schema_defaults():
         assert data["defaults"][0] == f"schema_{command}"
         typed = {k.split(".")[0] for k in S.fields(command)} - {"task", "model", "objective", "optim", "evaluate"}
         assert not typed & set(data), (command, typed & set(data))
+
+
+def test_keys_the_docs_cite_exist():
+    """Every `model.<arg>=`, `train.<key>=` or `dc.<key>=` the docs cite is a constructor argument
+    of a dcgen model or a key of the train schema (method.md once cited `model.compat.*` keys
+    that never existed)."""
+    import inspect
+    import re
+
+    from dcgen.models import DCDiT, DiT
+    params = set(inspect.signature(DCDiT.__init__).parameters) | set(inspect.signature(DiT.__init__).parameters)
+    keys = set(S.fields("train"))
+    bad = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for kind, name in re.findall(r"`(model|train|dc)\.([\w.]+)=", doc.read_text()):
+            if name == "max_stepz":
+                continue  # the README's example of a misspelt key
+            if (kind == "model" and name not in params) or (kind != "model" and f"{kind}.{name}" not in keys):
+                bad.append(f"{doc.name}: {kind}.{name}")
+    assert not bad, bad

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dcgen.files import atomic_write_json
+
 from .data import (CACHE_VERSION, ITEMS, MANIFEST, SUMMARY, item_generator, list_image_folder,
                    load_image, read_file_list, read_manifest, read_items, shard_name, to_model_input)
 
@@ -89,12 +91,6 @@ def _items_sha(items) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _start_or_resume(cache_dir: Path, settings: dict, items, classes) -> None:
     """Rank 0: write the manifest and item list of a new cache, or check that an existing one was
     started with the same settings and the same images."""
@@ -112,7 +108,7 @@ def _start_or_resume(cache_dir: Path, settings: dict, items, classes) -> None:
         for path, label in items:
             f.write(f"{label}\t{path}\n")
     os.replace(cache_dir / f".{ITEMS}.tmp", cache_dir / ITEMS)
-    _write_json_atomic(cache_dir / MANIFEST, {**settings, "version": CACHE_VERSION,
+    atomic_write_json(cache_dir / MANIFEST, {**settings, "version": CACHE_VERSION,
                                               "classes": classes,
                                               "num_shards": -(-len(items) // settings["shard_size"])})
 
@@ -335,7 +331,7 @@ def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 2
     summary = {"num_items": len(items), "num_encoded": int(sum(m["count"] for m in metas)),
                "num_skipped": len(skipped), "num_shards": num_shards, "skipped": skipped,
                "processes_last_run": world}
-    _write_json_atomic(cache_dir / SUMMARY, summary)
+    atomic_write_json(cache_dir / SUMMARY, summary)
     log.info("prepare: %d images encoded into %d shards at %s; %d corrupt image(s) skipped%s",
              summary["num_encoded"], num_shards, cache_dir, len(skipped),
              (": " + ", ".join(Path(k["file"]).name for k in skipped[:10])) if skipped else "")

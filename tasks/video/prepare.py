@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from dcgen.files import atomic_write_json
+
 from .data import (INDEX_FILE, META_FILE, VideoReadError, clips_to_model, read_clips,
                    scan_videos, shard_paths, shard_videos)
 
@@ -50,12 +52,6 @@ class _Decoded(torch.utils.data.Dataset):
         except VideoReadError as e:
             return path, label, [], None, str(e)
         return path, label, starts, clips, None
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _flush(cache: Path, rank: int, seq: int, buf: dict, dtype: torch.dtype) -> Path:
@@ -103,7 +99,7 @@ def prepare_cache(task, seed: int = 0) -> dict:
                              f"delete the cache folder or set task.cache_dir elsewhere")
     if is_main:
         cache.mkdir(parents=True, exist_ok=True)
-        _write_json(old, meta)
+        atomic_write_json(old, meta)
         (cache / INDEX_FILE).unlink(missing_ok=True)  # incomplete until this run ends
     state.wait_for_everyone()
     done = set()
@@ -157,7 +153,7 @@ def prepare_cache(task, seed: int = 0) -> dict:
     if buf["n"]:
         written.append(_flush(cache, rank, seq, buf, dtype))
     bar.close()
-    _write_json(cache / f"report-r{rank:03d}.json",
+    atomic_write_json(cache / f"report-r{rank:03d}.json",
                 {"skipped": skipped, "too_short": too_short, "videos": n_videos, "clips": n_clips})
     state.wait_for_everyone()
 
@@ -202,5 +198,5 @@ def build_index(cache: Path, meta: dict, world: int) -> dict:
     index = {"meta": meta, "shards": shards, "videos": videos, "clips": clips,
              "num_videos": len(videos), "num_clips": len(clips),
              "skipped": sorted(skipped), "too_short": sorted(too_short)}
-    _write_json(cache / INDEX_FILE, index)
+    atomic_write_json(cache / INDEX_FILE, index)
     return index

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from dcgen.files import atomic_savez, atomic_write_text
 
 from .data import (MESH_EXTENSIONS, MeshLoadError, pack_occupancy, scan_mesh_files,
                    voxelize_file)
@@ -65,37 +65,6 @@ def check_settings(found: dict, expected: dict, where: Path) -> None:
         raise ValueError(f"voxel cache {where} was built with other settings "
                          f"(key: (cached, requested)) {diff}; point task.cache_dir elsewhere or "
                          f"delete it")
-
-
-def _file_mode() -> int:
-    """What a plain open() would give (mkstemp makes 0600 files; a shared cache must not be)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_savez(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _shard_is_current(path: Path, files: list[str], labels: list[int], settings: dict) -> bool:
@@ -187,7 +156,7 @@ def prepare_cache(root: str | Path, cache_dir: str | Path, resolution: int = 32,
                     methods.append(info)
                 bar.update(1)
             n_bytes = resolution ** 3 // 8 + (resolution ** 3 % 8 > 0)
-            _atomic_savez(
+            atomic_savez(
                 cache_dir / shard_name(k),
                 occupancy=(np.stack(occ) if occ else np.zeros((0, n_bytes), np.uint8)),
                 labels=np.asarray(ys, dtype=np.int64), paths=np.asarray(paths, dtype=str),
@@ -219,7 +188,7 @@ def prepare_cache(root: str | Path, cache_dir: str | Path, resolution: int = 32,
                  "num_meshes": sum(s["count"] for s in shards), "num_files": len(rel),
                  "num_skipped": len(skipped), "methods": methods, "shards": shards,
                  "skipped": skipped}
-        _atomic_write_text(cache_dir / INDEX, json.dumps(index, indent=1) + "\n")
+        atomic_write_text(cache_dir / INDEX, json.dumps(index, indent=1) + "\n")
         if skipped:
             log.warning("voxel prepare: skipped %d of %d mesh file(s): %s", len(skipped), len(rel),
                         ", ".join(s["path"] for s in skipped[:20])
