@@ -99,7 +99,8 @@ def test_the_training_loop_reads_in_one_sitting():
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train")
     assert fn.end_lineno - fn.lineno + 1 <= 120
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
-        {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | \
+        {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert "DCDiT" not in names and "DiT" not in names
 
 
@@ -121,3 +122,20 @@ def test_each_model_family_declares_its_training_hooks():
     import torch
     _, aux = dcd(torch.randn(2, 3, 8, 8), torch.tensor([1, 500]), None)
     assert chunking.auxiliary_loss(aux, 4.0).ndim == 0
+
+
+def test_tools_are_drivers_importing_neither_tests_nor_each_other():
+    """tools/ holds drivers of the package: no import of tests/ (oracles live in
+    dcgen.chunking.reference), of another tool, or of a path put on sys.path by hand."""
+    tools = {p.stem for p in (ROOT / "tools").glob("*.py")}
+    tests = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    found = []
+    for p in sorted((ROOT / "tools").glob("*.py")):
+        text = p.read_text()
+        if "sys.path" in text or "spec_from_file_location" in text:
+            found.append(f"{p.name}: loads code by path")
+        for target, _ in imports(p, set()):
+            top = target.split(".")[0]
+            if top in tools | tests | {"oracles"}:
+                found.append(f"{p.name} imports {target}")
+    assert not found, found
