@@ -357,19 +357,19 @@ def parse_grid(text: str) -> GridSpec:
     return GridSpec(kind, grid, channels, patch)
 
 
-PAPER_SIZES = ("S", "B", "L", "XL")
+PAPER_SIZE_NAMES = ("S", "B", "L", "XL")
 
 
 def size_dims(size: str) -> tuple[int, int, int]:
     """(hidden, depth, heads) of a size: the paper sizes come from configs/model/dcdit_<s>.yaml."""
-    if size in PAPER_SIZES:
+    if size in PAPER_SIZE_NAMES:
         with torch.device("meta"):
             cfg = build(config_node(f"dcdit_{size.lower()}"), input_size=[8, 8], in_channels=4,
                         num_classes=1000).config
         return cfg["hidden_size"], cfg["depth"], cfg["num_heads"]
     if size in TINY:
         return TINY[size]
-    raise ValueError(f"--sizes: unknown size {size!r} (valid: {', '.join([*PAPER_SIZES, *TINY])})")
+    raise ValueError(f"--sizes: unknown size {size!r} (valid: {', '.join([*PAPER_SIZE_NAMES, *TINY])})")
 
 
 def build_models(size: str, spec: GridSpec, dev: torch.device, backend: str = "auto"):

@@ -1,5 +1,5 @@
-"""Smoke tests of tools/bench.py (no performance assertions: timings depend on the machine)."""
-import importlib.util
+"""Smoke tests of the benchmark (dcgen.benchmark, driven by tools/bench.py; no performance
+assertions: timings depend on the machine)."""
 import json
 import math
 import subprocess
@@ -14,13 +14,8 @@ BENCH = ROOT / "tools" / "bench.py"
 
 
 def load_bench():
-    if "dcgen_tools_bench" in sys.modules:
-        return sys.modules["dcgen_tools_bench"]
-    spec = importlib.util.spec_from_file_location("dcgen_tools_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
+    import dcgen.benchmark
+    return dcgen.benchmark
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):

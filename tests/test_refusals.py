@@ -301,8 +301,8 @@ def test_every_checkpoint_file_is_fsynced_before_the_rename(tmp_path, monkeypatc
     import dcgen.checkpoint as ck
     from dcgen.train import train
     events = []
-    real_sync, real_replace = ck._fsync_file, os.replace
-    monkeypatch.setattr(ck, "_fsync_file", lambda p: (events.append(("fsync", Path(p).name)), real_sync(p)))
+    real_sync, real_replace = ck.fsync_file, os.replace
+    monkeypatch.setattr(ck, "fsync_file", lambda p: (events.append(("fsync", Path(p).name)), real_sync(p)))
     monkeypatch.setattr(ck.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)),
                                                        real_replace(a, b)))
     train(compose("train", [*TOY, "train.max_steps=2", "train.ckpt_every=2", f"run_dir={tmp_path / 'r'}"]))
