@@ -21,10 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from .files import fsync_dir, fsync_file
 from .rng import check_rng_state, rng_state
-from .run import CHECKPOINTS, Run
+from .run import Run
 from .validate import one_line
-
-CKPT_DIR = CHECKPOINTS
 
 
 def _contiguous(sd: dict) -> dict:
@@ -62,7 +60,7 @@ def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, extr
     rank removes the temporary folder and raises CheckpointWriteError on every rank. The newest
     `keep` checkpoints are kept, and with `keep_every` > 0 also every milestone whose step is a
     multiple of it."""
-    root = Path(run_dir) / CKPT_DIR
+    root = Run(run_dir).checkpoints
     final = checkpoint_dir(run_dir, step)
     tmp = root / f".tmp_step_{step:08d}"
     is_main = accelerator is None or accelerator.is_main_process
@@ -146,7 +144,7 @@ def _pointed(root: Path, ptr: Path) -> Path:
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    root = Path(run_dir) / CKPT_DIR
+    root = Run(run_dir).checkpoints
     ptr = root / "latest"
     if not ptr.exists():
         return None
@@ -166,7 +164,7 @@ def _step_of(path: Path) -> int:
 def resume_candidates(run_dir) -> list[Path]:
     """The checkpoints a resume may use, newest first: the one `latest` names, then every older
     kept one (a folder only gets its step_* name once it is complete)."""
-    root = Path(run_dir) / CKPT_DIR
+    root = Run(run_dir).checkpoints
     ptr = root / "latest"
     if not ptr.exists():
         return []

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
+
 from .files import fsync_file
 from .run import LEGACY_EXPORT_CONFIG, Run
 
@@ -95,9 +96,7 @@ def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
     files are written into a temporary directory next to `out_dir`, which then replaces it."""
     from safetensors.torch import save_file
 
-    from .models import describe
-
-    from .models import unwrap
+    from .models import describe, unwrap
     model = unwrap(model)
     extra = dict(extra or {})
     if "model" in extra:
@@ -180,8 +179,9 @@ def resolve_export_dir(path) -> Path:
             return p
         if (p / PIPELINE_INDEX).is_file() and _is_export(p / PIPELINE_TRANSFORMER):  # a pipeline folder
             return p / PIPELINE_TRANSFORMER
-        if Run(p).export_dir.is_dir() and _is_export(Run(p).export_dir):  # a run directory
-            return Run(p).export_dir
+        run_export = Run(p).export_dir
+        if run_export.is_dir() and _is_export(run_export):  # a run directory
+            return run_export
         if (p / CONFIG_FILE).is_file() or (p / LEGACY_CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{p / WEIGHTS_FILE}: missing (an export needs {CONFIG_FILE} and "
                                     f"{WEIGHTS_FILE}; a run directory needs export/)")
@@ -325,7 +325,7 @@ def load_run(run_dir, device) -> tuple:
     from .trust import build
     d = resolve_export_dir(run_dir)  # the run dir's (or export's) files are checked once, here
     ecfg = read_export_config(d)  # checked before anything is built
-    where = str(d / "dcgen.json")
+    where = str(d / EXTRA_FILE)
     if "task" not in ecfg:
         raise ValueError(f"{run_dir}: the export has no task config; sample it from Python with "
                          "dcgen.sample.generate(model, objective, task)")

@@ -97,9 +97,10 @@ def _training_schedule(objective: GaussianDiffusion) -> np.ndarray:
     return objective.betas
 
 
-def _float64_schedule(scheduler, objective: GaussianDiffusion):
-    """Give a DDPM/DDIM scheduler dcgen's float64 ᾱ table (see the module docstring)."""
-    scheduler.alphas_cumprod = torch.from_numpy(objective.alphas_cumprod.copy())
+def _float64_schedule(scheduler, betas):
+    """Give a DDPM/DDIM scheduler dcgen's float64 ᾱ table of `betas` (see the module docstring;
+    the same arithmetic as GaussianDiffusion's: the cumulative product of 1 − β in float64)."""
+    scheduler.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
     return scheduler
 
 
@@ -116,11 +117,11 @@ def make_scheduler(kind: str, objective: GaussianDiffusion | dict | None = None)
     if kind == "ddpm":
         vt = "learned_range" if objective.learn_sigma else _FIXED[objective.fixed_variance]
         return _float64_schedule(DDPMScheduler(**common, variance_type=vt, clip_sample=False),
-                                 objective)
+                                 objective.betas)
     if kind == "ddim":
         return _float64_schedule(DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True,
                                                steps_offset=0, timestep_spacing="leading"),
-                                 objective)
+                                 objective.betas)
     if kind in ("dpm++", "dpmsolver++"):
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                            thresholding=False)
@@ -402,8 +403,7 @@ class DCDiTPipeline(DiffusionPipeline):
         scheduler = PIPELINE_SCHEDULERS[sched[1]].from_pretrained(str(root / "scheduler"))
         betas = scheduler.config.get("trained_betas")
         if isinstance(scheduler, (DDPMScheduler, DDIMScheduler)) and betas is not None:
-            # the float64 ᾱ table make_scheduler gave it (the config stores the betas only)
-            scheduler.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+            _float64_schedule(scheduler, betas)  # make_scheduler's table (the config keeps the betas only)
         vae = AutoencoderKL.from_pretrained(str(root / "vae")) if vae_entry[0] else None
         pipe = cls(transformer=model, scheduler=scheduler, vae=vae, latent_scale=float(scale),
                    cfg_channels=channels)

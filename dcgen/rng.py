@@ -68,11 +68,16 @@ def rng_state() -> dict:
     return st
 
 
-def set_rng_state(st: dict):
-    torch.set_rng_state(st["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
+def _restore(st: dict, set_torch, py_random, np_random) -> None:
+    """`st` (as `rng_state` returns it) into the given torch setter, Python and NumPy generators."""
+    set_torch(st["torch"])
+    py_random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
     name, keys, pos, has_gauss, cached = st["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np_random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def set_rng_state(st: dict):
+    _restore(st, torch.set_rng_state, random, np.random)
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -80,8 +85,4 @@ def set_rng_state(st: dict):
 def check_rng_state(st) -> None:
     """Raise unless `st` (as `rng_state` returns it) restores into fresh generators, leaving the
     process's own untouched: a file that does not is damaged or crafted."""
-    torch.Generator().set_state(st["torch"])
-    r = random.Random()
-    r.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
-    name, keys, pos, has_gauss, cached = st["numpy"]
-    np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    _restore(st, torch.Generator().set_state, random.Random(), np.random.RandomState())

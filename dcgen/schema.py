@@ -21,6 +21,7 @@ arguments with defaults), which `dcgen.trust` builds from and `dcgen.cli` checks
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -264,6 +265,12 @@ def register() -> None:
 
 def fields(command: str) -> dict[str, dataclasses.Field]:
     """Dotted key -> field, for every leaf key of `command`'s schema (sub-nodes expanded)."""
+    return _fields_of(schema(command))
+
+
+@functools.lru_cache(maxsize=None)
+def _fields_of(root: type) -> dict[str, dataclasses.Field]:
+    """`fields` of one root class, computed once per class (--help asks for every key's help)."""
     out: dict[str, dataclasses.Field] = {}
 
     def walk(cls, prefix):
@@ -273,7 +280,7 @@ def fields(command: str) -> dict[str, dataclasses.Field]:
                 walk(type(sub), f"{prefix}{f.name}.")
             else:
                 out[prefix + f.name] = f
-    walk(schema(command), "")
+    walk(root, "")
     return out
 
 

@@ -464,7 +464,6 @@ def _build_parts(cfg: DictConfig, procs: _Processes, trusted: bool) -> _Parts:
         teacher = load_dit_teacher(init.from_dit, device=procs.accelerator.device,
                                    num_heads=model.config["num_heads"])
         upcycle_report = init_from_dit(model, teacher, freeze_embedders=init.get("freeze_embedders", True))
-        upcycle_report = {"from": init.from_dit, **upcycle_report}
         distillation = Distillation(teacher, int(init.get("distill_steps", 0)))
     if tc.sample_every:  # the previews' settings, checked now rather than at the first preview
         from .pipeline import with_diffusers_samplers
@@ -501,8 +500,7 @@ def _open_run(cfg: DictConfig, procs: _Processes, parts: _Parts):
     if dcgen_log.getEffectiveLevel() > logging.INFO:  # the run's log holds its INFO lines, whoever
         dcgen_log.setLevel(logging.INFO)              # configured logging (a library caller, pytest)
     if parts.upcycle_report is not None:
-        report = dict(parts.upcycle_report)
-        log.info("upcycled from %s: %s", report.pop("from"), report)
+        log.info("upcycled from %s: %s", cfg.init.from_dit, parts.upcycle_report)
     return file_log
 
 
