@@ -472,3 +472,27 @@ def test_malformed_checkpoint_files_are_one_line(trained, tmp_path, capsys, dama
     code, err = run_main(["train", f"run_dir={rd}", "train.max_steps=2"], capsys)
     assert code == 2 and err[-1].startswith("dcgen train: error: no checkpoint of"), err
     assert not any("Traceback" in e for e in err)
+
+
+def test_checking_an_rng_file_leaves_the_process_generators_alone():
+    """check_rng_state restores a candidate checkpoint's state into fresh generators: a resume
+    that checks a state and then falls back past it (or re-derives the state) must not have
+    changed the process's torch, Python or NumPy generators on the way."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from dcgen.rng import check_rng_state, rng_state
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    other = rng_state()
+    torch.manual_seed(2)
+    random.seed(2)
+    np.random.seed(2)
+    before = (torch.get_rng_state().clone(), random.getstate(), np.random.get_state()[1].copy())
+    check_rng_state(other)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
