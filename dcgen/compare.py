@@ -18,6 +18,10 @@ every point; `extra_cfg_scales` are scored at the last point (ρ = 0). Writes OU
 OUT/compare.md (mean over seeds and the spread), OUT/quality_vs_steps.png,
 OUT/quality_vs_gflops.png, OUT/samples_side_by_side.png, and for DC-DiT runs boundary maps and
 kept-fraction-vs-t under OUT/E/seedS/maps. `train_overrides=[k=v,...]` go to every training run.
+`baselines=[token,params,flops]` adds, for every DC-DiT experiment E, the DiT baselines that
+dcgen/matching.py builds by those rules, trained as experiments `E@token`, `E@params`, `E@flops`;
+before training, the command prints every experiment's parameters, forward GFLOPs (both
+conventions) and matching rule, and writes them to compare.json ("models") and compare.md.
 The keys are declared in dcgen/schema.py (CompareConfig); `dcgen compare --help` lists them.
 """
 from __future__ import annotations
@@ -38,12 +42,69 @@ from .io import load_run
 from .run import Run
 
 
+BASELINE_SEP = "@"  # E@RULE: the DiT baseline of experiment E by RULE
+
+
+def experiment_overrides(exp: str, extra: list[str]) -> list[str]:
+    """The training overrides of a compared experiment: `experiment=E`, and for a baseline
+    `E@RULE` the overrides that turn E's DC-DiT into its DiT by RULE."""
+    base, sep, rule = exp.partition(BASELINE_SEP)
+    if not sep:
+        return [f"experiment={exp}", *extra]
+    return [f"experiment={base}", *extra, *match(base, rule, extra).overrides]
+
+
+def match(base: str, rule: str, extra: list[str]):
+    """The Baseline (dcgen.matching) of experiment `base`'s DC-DiT by `rule`."""
+    from .config import compose
+    from .matching import baseline
+    return baseline(compose("train", [f"experiment={base}", *extra]), rule)
+
+
+def model_sizes(experiments: list[str], extra: list[str]) -> dict:
+    """{experiment: parameters, forward GMACs and GFLOPs per sample, rule and its error}: what a
+    reader needs to see that the comparison is matched as it says (printed before training)."""
+    from .config import compose
+    from .matching import kept_tokens, measure, shapes_only
+    from .trust import build
+    out = {}
+    for exp in experiments:
+        base, sep, rule = exp.partition(BASELINE_SEP)
+        if sep:
+            b = match(base, rule, extra)
+            out[exp] = {"rule": rule, "params": b.params, "gmacs": b.gflops, "gflops": 2 * b.gflops,
+                        "params_vs_dcdit": b.params_error, "gmacs_vs_dcdit": b.gflops_error,
+                        "how": ", ".join(b.notes)}
+            continue
+        cfg = compose("train", [f"experiment={exp}", *extra])
+        task = build(cfg.task, "task", "compare", trusted=True)
+        node = OmegaConf.to_container(cfg.model, resolve=True)
+        model = shapes_only(node, task)
+        kept = kept_tokens(model, cfg.dc.target_n) if model.drops_tokens else None
+        params, gmacs = measure(node, task, kept)
+        out[exp] = {"rule": "dc-dit" if kept else "as configured", "params": params, "gmacs": gmacs,
+                    "gflops": 2 * gmacs, "how": f"{kept} kept tokens (L/N)" if kept else ""}
+    return out
+
+
+def sizes_table(sizes: dict) -> str:
+    head = ["experiment", "rule", "parameters", "GMACs/forward (DiT \"GFLOPs\")", "GFLOPs/forward (2 MACs)",
+            "params vs DC-DiT", "GFLOPs vs DC-DiT", "how"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for exp, s in sizes.items():
+        pe, ge = s.get("params_vs_dcdit"), s.get("gmacs_vs_dcdit")
+        lines.append("| " + " | ".join([exp, s["rule"], f"{s['params'] / 1e6:.3f} M", f"{s['gmacs']:.4f}",
+                                        f"{s['gflops']:.4f}", "–" if pe is None else f"{pe:+.1%}",
+                                        "–" if ge is None else f"{ge:+.1%}", s["how"]]) + " |")
+    return "\n".join(lines)
+
+
 def train_to(exp: str, run_dir: Path, steps: int, seed: int, threads: int, extra: list[str]) -> float:
     """Train (or resume) `run_dir` up to `steps` in this process; returns the seconds spent."""
     from .config import compose, compose_resume
     from .train import train
-    overrides = [f"experiment={exp}", f"seed={seed}", f"train.max_steps={steps}", "train.sample_every=0",
-                 f"train.num_threads={threads}", f"run_dir={run_dir}", *extra]
+    overrides = [*experiment_overrides(exp, extra), f"seed={seed}", f"train.max_steps={steps}",
+                 "train.sample_every=0", f"train.num_threads={threads}", f"run_dir={run_dir}"]
     t0 = time.time()
     if Run(run_dir).has_config():  # a restart: checked against the stored config, as `dcgen train` does
         cfg, _ = compose_resume(Path(run_dir), overrides)
@@ -352,6 +413,12 @@ def _workers(cfg: DictConfig, pairs: list, argv: list[str]) -> None:
                     raise SystemExit(f"compare: {item[0]} failed ({item[1].returncode})")
 
 
+def _drops_tokens(exp: str, extra: list[str]) -> bool:
+    from .config import compose
+    from .models import model_class
+    return model_class(compose("train", [f"experiment={exp}", *extra]).model.get("_target_")).drops_tokens
+
+
 def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     """`dcgen compare ...` (see the module docstring). `argv`: the command's overrides, passed on
     to the worker processes."""
@@ -366,6 +433,10 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         run_one(exp, int(seed), cfg)
         return out
     experiments, seeds = list(cfg.experiments), [int(s) for s in cfg.seeds]
+    experiments += [f"{e}{BASELINE_SEP}{r}" for e in cfg.experiments for r in cfg.baselines
+                    if _drops_tokens(e, list(cfg.train_overrides))]
+    sizes = model_sizes(experiments, list(cfg.train_overrides))
+    print(sizes_table(sizes), flush=True)
     pairs = [] if cfg.report else [(e, s) for e in experiments for s in seeds]
     if cfg.jobs == 1:
         for e, s in pairs:
@@ -396,10 +467,10 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
                "seeds": seeds, "steps": cfg.steps, "num_samples": cfg.sample.num_samples,
                "sample_steps": cfg.sample.steps, "sampler": cfg.sample.sampler,
                "cfg_scale": [cfg.sample.cfg_scale, *cfg.extra_cfg_scales], "threads": cfg.threads,
-               "jobs": cfg.jobs, "torch": torch.__version__, "results": results}
+               "jobs": cfg.jobs, "torch": torch.__version__, "models": sizes, "results": results}
     (report / "compare.json").write_text(json.dumps(summary, indent=2, default=float))
     md = table(results)
-    (report / "compare.md").write_text(f"`{summary['command']}`\n\n{md}\n")
+    (report / "compare.md").write_text(f"`{summary['command']}`\n\n{sizes_table(sizes)}\n\n{md}\n")
     plots(results, report)
     side_by_side(results, out, report)
     print(md)

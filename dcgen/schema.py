@@ -210,6 +210,9 @@ class CompareConfig:
     upto_step: Optional[int] = key(None, optional(int_(1)), "with report: only the points up to this step")
     report_to: Optional[str] = key(None, None, "with report: write the table and plots here instead of out")
     train_overrides: List[str] = key([], None, "key=value overrides for every training run")
+    baselines: List[str] = key([], list_of(choice("token", "params", "flops")),
+                               "DiT baselines built for every DC-DiT experiment by rule (dcgen/matching.py): "
+                               "token-, parameter- or FLOP-matched; each trains as EXPERIMENT@RULE")
     worker: Optional[str] = key(None, None, "internal: EXPERIMENT:SEED, one pair in this process")
 
 

@@ -46,7 +46,7 @@ def _resize(x: torch.Tensor, resolution: int, mode: str) -> torch.Tensor:
     return F.interpolate(x, size=(resolution, resolution), mode=mode, **kw).clamp(0, 1)
 
 
-def _match_channels(x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+def match_channels(x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
     """(N, C, H, W): gray -> RGB by repetition, RGB -> gray by ITU-R 601 luma, RGBA drops alpha."""
     c = x.shape[1]
     if c == 4:
@@ -105,7 +105,7 @@ def load_digits_tensors(resolution: int = 32, channels: int = 1, interpolation: 
         x = F.interpolate(x, size=(resolution, resolution), mode=interpolation,
                           **({} if interpolation == "nearest" else {"align_corners": False}))
         x = x.clamp(0, 1)
-    x = _match_channels(x, channels, "digits")
+    x = match_channels(x, channels, "digits")
     return x * 2 - 1, torch.from_numpy(d.target.astype(np.int64))
 
 
@@ -224,7 +224,7 @@ class NpzImageDataset(Dataset):
         if self.signed:
             x = (x + 1) / 2
         x = x.permute(0, 3, 1, 2)
-        x = _match_channels(x, self.channels, f"pixel npz source {self.path}")
+        x = match_channels(x, self.channels, f"pixel npz source {self.path}")
         return _resize(x, self.resolution, self.interpolation)[0] * 2 - 1
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:

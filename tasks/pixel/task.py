@@ -16,17 +16,21 @@ from dcgen import viz
 from dcgen.task import Task
 
 from .data import (INTERPOLATIONS, ImageFolderDataset, NpzImageDataset, TensorImageDataset,
-                   load_digits_tensors, scan_class_folders)
+                   load_digits_tensors, match_channels, scan_class_folders)
 
 log = logging.getLogger("dcgen.data")
-SOURCES = ("digits", "folder", "npz")
+SOURCES = ("digits", "glyphs", "folder", "npz")
+GLYPH_COUNT = 6000  # 600 per class
 
 
 class PixelTask(Task):
-    """Pixel-space images from one of three sources.
+    """Pixel-space images from one of four sources.
 
     source="digits": scikit-learn's bundled 8x8 digits (1797 images, 10 classes, no network),
         upscaled to `resolution`; gray (C=1) unless `channels=3`.
+    source="glyphs": 6000 letters (10 classes, B C D E F G O P Q R) rendered at `resolution` from
+        the fonts bundled with matplotlib (tasks/pixel/glyphs.py): detail below a 4x4 patch beside
+        uniform background, the set with real detail; gray unless `channels=3`.
     source="folder": `root` is an ImageFolder directory (one sub-folder per class, sorted names
         -> label ids); RGB unless `channels=1`; centre crop + resize; read lazily.
         `dcgen prepare task=pixel task.source=folder task.root=...` checks every file once and
@@ -52,7 +56,7 @@ class PixelTask(Task):
             raise ValueError(f"pixel: resolution must be positive, got {resolution}")
         if channels not in (None, 1, 3):
             raise ValueError(f"pixel: channels must be 1 or 3 (or None to infer), got {channels}")
-        if source != "digits" and root is None:
+        if source not in ("digits", "glyphs") and root is None:
             raise ValueError(f"pixel: source '{source}' needs `root` (a "
                              f"{'directory' if source == 'folder' else '.npz file'})")
         self.source, self.resolution = source, int(resolution)
@@ -66,9 +70,8 @@ class PixelTask(Task):
         self._npz: NpzImageDataset | None = None
         self.classes: list[str] = []
 
-        if source == "digits":
+        if source in ("digits", "glyphs"):  # built in: rendered or loaded on first use
             self.channels = channels or 1
-            self._tensors = load_digits_tensors(self.resolution, self.channels, interpolation)
             found = 10
         elif source == "npz":
             # read lazily (memory-mapped, one item at a time): a large array is never held whole
@@ -111,12 +114,23 @@ class PixelTask(Task):
                 if self.num_classes == 0:
                     ds.labels = torch.zeros_like(ds.labels)
             else:
-                x, y = self._tensors
+                x, y = self._built_in()
                 if self.num_classes == 0:
                     y = torch.zeros_like(y)
                 ds = TensorImageDataset(x, y, self.hflip, seed=self.seed)
             self._dataset = ds
         return self._dataset
+
+    def _built_in(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The digits or glyphs as (N, C, R, R) in [-1, 1] and labels, made once."""
+        if self._tensors is None:
+            if self.source == "digits":
+                self._tensors = load_digits_tensors(self.resolution, self.channels, self.interpolation)
+            else:
+                from .glyphs import render_glyphs
+                x, y = render_glyphs(GLYPH_COUNT, self.resolution)
+                self._tensors = (match_channels((x + 1) / 2, self.channels, "glyphs") * 2 - 1, y)
+        return self._tensors
 
     @property
     def skipped(self) -> list[Path]:
@@ -141,15 +155,17 @@ class PixelTask(Task):
 
     def evaluate(self, samples: torch.Tensor | None, out_dir: str | Path, labels=None,
                  **kwargs: Any) -> dict:
-        """Digits: `class_accuracy`, the fraction of samples that a classifier fitted on the
-        digits reads as the label they were conditioned on (`labels`, else `out_dir/labels.npy`;
+        """Digits and glyphs: `class_accuracy`, the fraction of samples that a classifier fitted on
+        that source (digits: the digits; glyphs: renderings it does not train on) reads as the
+        label they were conditioned on (`labels`, else `out_dir/labels.npy`;
         samples None: `out_dir/samples.npy`). {} for other sources and unlabelled samples.
         FID/IS for pixel images are not computed here (dcgen.metrics.evaluate_images reads the
         `images/` folder written by `write_samples`)."""
-        if self.source != "digits" or self.num_classes == 0:
+        if self.source not in ("digits", "glyphs") or self.num_classes == 0:
             return {}
         import numpy as np
 
+        from .glyphs import glyph_class_accuracy
         from .metrics import digit_class_accuracy
         out = Path(out_dir)
         if labels is None:
@@ -158,6 +174,8 @@ class PixelTask(Task):
             labels = np.load(out / "labels.npy")
         if samples is None:
             samples = np.load(out / "samples.npy")
+        if self.source == "glyphs":
+            return {"class_accuracy": glyph_class_accuracy(samples, labels, self.resolution)}
         return {"class_accuracy": digit_class_accuracy(samples, labels)}
 
     def describe(self) -> dict:
