@@ -43,15 +43,36 @@ from .run import Run
 
 
 BASELINE_SEP = "@"  # E@RULE: the DiT baseline of experiment E by RULE
+UPCYCLE = "upcycle"  # E@upcycle: E's DC-DiT upcycled from E@token
+UPCYCLE_SUFFIX = BASELINE_SEP + UPCYCLE
 
 
-def experiment_overrides(exp: str, extra: list[str]) -> list[str]:
-    """The training overrides of a compared experiment: `experiment=E`, and for a baseline
-    `E@RULE` the overrides that turn E's DC-DiT into its DiT by RULE."""
+def experiment_overrides(exp: str, extra: list[str], out: Path | None = None, seed: int = 0) -> list[str]:
+    """The training overrides of a compared experiment: `experiment=E`; for a baseline `E@RULE`
+    the overrides that turn E's DC-DiT into its DiT by RULE; for `E@upcycle` E's DC-DiT started
+    from the trained token-matched DiT of the same comparison and seed (`out`/E@token/seedS)."""
     base, sep, rule = exp.partition(BASELINE_SEP)
     if not sep:
         return [f"experiment={exp}", *extra]
+    if rule == UPCYCLE:
+        teacher = Run(Path(out) / f"{base}{BASELINE_SEP}token" / f"seed{seed}" / "run").export_dir
+        if not teacher.is_dir():
+            raise SystemExit(f"compare: {exp} seed {seed} starts from {teacher}, which does not exist yet "
+                             f"(train {base}{BASELINE_SEP}token first; upcycling runs come last with jobs=1)")
+        b = match(base, "token", extra)
+        dc_patch = compose_model(base, extra).get("patch_size", 1)
+        dc_patch = dc_patch[0] if isinstance(dc_patch, (list, tuple)) else dc_patch
+        dit_patch = b.dit["patch_size"]
+        dit_patch = dit_patch[0] if isinstance(dit_patch, (list, tuple)) else dit_patch
+        # the teacher's position-embedding frequencies on the finer grid (METHOD §9.1: 0.5 for P 2 -> 1)
+        return [f"experiment={base}", *extra, f"init.from_dit={teacher}", "model.cond_adaptor=true",
+                f"model.pe_coord_scale={dc_patch / dit_patch:g}"]
     return [f"experiment={base}", *extra, *match(base, rule, extra).overrides]
+
+
+def compose_model(base: str, extra: list[str]) -> dict:
+    from .config import compose
+    return OmegaConf.to_container(compose("train", [f"experiment={base}", *extra]).model, resolve=True)
 
 
 def match(base: str, rule: str, extra: list[str]):
@@ -70,6 +91,14 @@ def model_sizes(experiments: list[str], extra: list[str]) -> dict:
     out = {}
     for exp in experiments:
         base, sep, rule = exp.partition(BASELINE_SEP)
+        if sep and rule == UPCYCLE:  # E's DC-DiT with the LayerNorm adaptor on c
+            cfg = compose("train", [f"experiment={base}", *extra])
+            task = build(cfg.task, "task", "compare", trusted=True)
+            node = {**OmegaConf.to_container(cfg.model, resolve=True), "cond_adaptor": True}
+            params, gmacs = measure(node, task, target_n=cfg.dc.target_n)
+            out[exp] = {"rule": "upcycled", "params": params, "gmacs": gmacs, "gflops": 2 * gmacs,
+                        "how": f"{base} started from the trained {base}{BASELINE_SEP}token"}
+            continue
         if sep:
             b = match(base, rule, extra)
             out[exp] = {"rule": rule, "params": b.params, "gmacs": b.gflops, "gflops": 2 * b.gflops,
@@ -99,11 +128,12 @@ def sizes_table(sizes: dict) -> str:
     return "\n".join(lines)
 
 
-def train_to(exp: str, run_dir: Path, steps: int, seed: int, threads: int, extra: list[str]) -> float:
+def train_to(exp: str, run_dir: Path, steps: int, seed: int, threads: int, extra: list[str],
+             out: Path | None = None) -> float:
     """Train (or resume) `run_dir` up to `steps` in this process; returns the seconds spent."""
     from .config import compose, compose_resume
     from .train import train
-    overrides = [*experiment_overrides(exp, extra), f"seed={seed}", f"train.max_steps={steps}",
+    overrides = [*experiment_overrides(exp, extra, out, seed), f"seed={seed}", f"train.max_steps={steps}",
                  "train.sample_every=0", f"train.num_threads={threads}", f"run_dir={run_dir}"]
     t0 = time.time()
     if Run(run_dir).has_config():  # a restart: checked against the stored config, as `dcgen train` does
@@ -134,10 +164,12 @@ def quality_key(row: dict) -> str:
     return "fid" if "fid" in row else "1nna_cd"
 
 
-def evaluate_point(model, objective, task, cfg: DictConfig, reference: Path | None, tail_drop: float,
-                   cfg_scale: float, seed: int, out: Path) -> dict:
-    """Samples from a run's EMA weights at `tail_drop` and `cfg_scale`: quality, task metrics,
-    FLOPs (dcgen.evaluate's cost columns, by name)."""
+def evaluate_point(model, objective, task, cfg: DictConfig, reference: Path | None, spec: dict,
+                   seed: int, out: Path) -> dict:
+    """Samples from a run's EMA weights as `spec` says (tail_drop, cfg_scale, cache_threshold,
+    sample_steps): quality, task metrics, FLOPs (dcgen.evaluate's cost columns, by name) and, with
+    step caching, the backbone calls made and reused."""
+    tail_drop, cfg_scale = spec["tail_drop"], spec["cfg_scale"]
     from .diffusion.guidance import cfg_branches
     from .evaluate import cost_metrics, cost_summary, dc_step_recorder
     from .sample import generate
@@ -146,11 +178,14 @@ def evaluate_point(model, objective, task, cfg: DictConfig, reference: Path | No
     labels = [i % task.num_classes for i in range(s.num_samples)] if task.num_classes else None
     branches = cfg_branches(task.num_classes, cfg_scale)
     recorder = dc_step_recorder(model, branches) if model.drops_tokens else None
-    res = generate(model, objective, task, num_samples=s.num_samples, steps=s.steps, sampler=s.sampler,
-                   cfg_scale=cfg_scale, tail_drop=tail_drop, labels=labels, seed=seed,
-                   batch_size=s.batch_size, record=True, map_samples=0, flop_fn=recorder)
+    res = generate(model, objective, task, num_samples=s.num_samples, steps=spec["sample_steps"],
+                   sampler=s.sampler, cfg_scale=cfg_scale, tail_drop=tail_drop, labels=labels, seed=seed,
+                   batch_size=s.batch_size, record=True, map_samples=0, flop_fn=recorder,
+                   cache_threshold=spec["cache_threshold"])
     images = task.decode(res["samples"])
-    row = {"tail_drop": tail_drop, "cfg_scale": cfg_scale, "num_samples": s.num_samples}
+    row = {**spec, "num_samples": s.num_samples}
+    if spec["cache_threshold"] is not None:
+        row.update(backbone_calls=res["backbone_calls"], backbone_reused=res["backbone_reused"])
     lab = res["labels"]
     if is_image_batch(images):
         from .metrics import evaluate_images
@@ -214,6 +249,35 @@ def boundary_maps(run_dir: Path, cfg: DictConfig, seed: int, out: Path) -> None:
                                       f"seed={seed}", "device=cpu"]))
 
 
+def eval_specs(cfg: DictConfig, chunking: bool, last: bool) -> list[dict]:
+    """What is scored at a point: sample.cfg_scale at rho 0 everywhere; at the last point also
+    every tail drop (models that drop tokens) with and without each cache threshold, the extra
+    guidance scales and the extra sampler step counts (rho 0, no cache)."""
+    S, n = float(cfg.sample.cfg_scale), int(cfg.sample.steps)
+
+    def spec(rho=0.0, scale=S, cache=None, steps=n):
+        return {"tail_drop": float(rho), "cfg_scale": float(scale),
+                "cache_threshold": None if cache is None else float(cache), "sample_steps": int(steps)}
+    if not last:
+        return [spec()]
+    rhos = list(cfg.tail_drops) if chunking else [0.0]
+    out = [spec(rho=r, cache=c) for c in [None, *cfg.cache_thresholds] for r in rhos]
+    out += [spec(scale=x) for x in cfg.extra_cfg_scales]
+    out += [spec(steps=m) for m in cfg.extra_sample_steps if int(m) != n]
+    return out
+
+
+def eval_dir(step: int, spec: dict, cfg: DictConfig) -> str:
+    """The folder name of one scored point (rows written before caching and step counts were
+    options keep their names)."""
+    name = f"step{step:06d}_rho{spec['tail_drop']:.2f}_cfg{spec['cfg_scale']:g}"
+    if spec["cache_threshold"] is not None:
+        name += f"_cache{spec['cache_threshold']:g}"
+    if spec["sample_steps"] != int(cfg.sample.steps):
+        name += f"_steps{spec['sample_steps']}"
+    return name
+
+
 def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
     """Train one (experiment, seed) through the evaluation points and score each point."""
     out = Path(cfg.out)
@@ -223,23 +287,20 @@ def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
     overrides = list(cfg.train_overrides)
     r = {"points": [], "train_seconds": 0.0}
     for k in points:
-        r["train_seconds"] += train_to(exp, run_dir, k, seed, cfg.threads, overrides)
+        r["train_seconds"] += train_to(exp, run_dir, k, seed, cfg.threads, overrides, out)
         model, objective, task, _ = load_run(run_dir, "cpu")  # one load per point, shared by its evaluations
         from .viz import is_image_batch
         chunking = model.drops_tokens  # tail-drop budgets apply
         images = is_image_batch(task.decode(task.train_dataset()[0][0][None]))
         reference = reference_npz(task, out, cfg.reference_limit) if images else None
         last = k == points[-1]
-        combos = [(rho, cfg.sample.cfg_scale) for rho in (cfg.tail_drops if (last and chunking) else [0.0])]
-        if last:
-            combos += [(0.0, s) for s in cfg.extra_cfg_scales]
         evals, dirs = [], set()
-        for rho, s in combos:
-            d = base / f"step{k:06d}_rho{rho:.2f}_cfg{s:g}"
+        for spec in eval_specs(cfg, chunking, last):
+            d = base / eval_dir(k, spec, cfg)
             d.mkdir(parents=True, exist_ok=True)
             row = cached_row(d, cfg)
             if row is None:
-                row = evaluate_point(model, objective, task, cfg, reference, rho, s, seed, d)
+                row = evaluate_point(model, objective, task, cfg, reference, spec, seed, d)
                 row["settings"] = eval_settings(cfg)
                 (d / "row.json").write_text(json.dumps(row, indent=2, default=float))
             evals.append(row)
@@ -277,19 +338,66 @@ def _fmt(values: list, digits: int) -> str:
     return f"{m:.{digits}f}" if len(values) < 2 else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
+def row_key(e: dict, cfg_steps: int) -> tuple:
+    """(rho, guidance scale, cache threshold or None, sampler steps) of a row; rows written before
+    caching and step counts were options ran without a cache at the main step count."""
+    return (e["tail_drop"], e["cfg_scale"], e.get("cache_threshold"), e.get("sample_steps", cfg_steps))
+
+
 def merged(results: dict, exp: str) -> dict:
-    """{(step, tail_drop, cfg_scale): [the row of every seed that has it]}, in step order."""
+    """{(step, tail_drop, cfg_scale, cache, sampler steps): [the row of every seed that has it]},
+    the main settings first within a step."""
+    main = _main_row(results, exp)
     out = {}
     for r in results[exp]["seeds"].values():
         for p in r["points"]:
             for e in p["evals"]:
-                out.setdefault((p["step"], e["tail_drop"], e["cfg_scale"]), []).append(e)
-    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][2] != _main_scale(results, exp), kv[0][1])))
+                out.setdefault((p["step"], *row_key(e, main[3])), []).append(e)
+
+    def order(kv):
+        step, rho, S, cache, n = kv[0]
+        return step, S != main[1], n != main[3], cache is not None, cache or 0.0, rho
+    return dict(sorted(out.items(), key=order))
 
 
-def _main_scale(results: dict, exp: str) -> float:
-    """The guidance scale used at every point (sample.cfg_scale)."""
-    return next(iter(results[exp]["seeds"].values()))["points"][0]["evals"][0]["cfg_scale"]
+def _main_row(results: dict, exp: str) -> tuple:
+    """The row key of the settings used at every point: (0, sample.cfg_scale, None, sample.steps)."""
+    e = next(iter(results[exp]["seeds"].values()))["points"][0]["evals"][0]
+    return (0.0, e["cfg_scale"], None, e.get("sample_steps", e.get("settings", {}).get("sample_steps")))
+
+
+def training_cost(run_dir: Path) -> dict | None:
+    """Cumulative training cost at every logged step, from the run's metrics records: wall-clock
+    seconds (the window's samples over its samples/s) and training GFLOPs (3 forwards' worth per
+    sample, 2 FLOPs per MAC; a DC-DiT counted at the window's mean kept tokens per sample)."""
+    from .config import load_run_config
+    from .matching import measure
+    from .trust import build
+    run = Run(run_dir)
+    if not run.has_config():
+        return None
+    cfg = load_run_config(run.config_file)
+    G = int(cfg.train.global_batch_size)
+    task = build(cfg.task, "task", "compare", trusted=True)
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    macs: dict = {}
+    steps, seconds, gflops = [0], [0.0], [0.0]
+    for rec in run.read_metrics():
+        if "samples_per_s" not in rec or rec["step"] <= steps[-1]:
+            continue
+        n = (rec["step"] - steps[-1]) * G
+        kept = rec.get("tokens_kept_per_sample")
+        key = None if kept is None else max(1, round(kept))
+        if key not in macs:
+            macs[key] = measure(node, task, kept=key, target_n=cfg.get("dc", {}).get("target_n", 1))[1]
+        steps.append(rec["step"])
+        seconds.append(seconds[-1] + n / rec["samples_per_s"])
+        gflops.append(gflops[-1] + n * 3 * 2 * macs[key])
+    return {"steps": steps, "seconds": seconds, "train_gflops": gflops}
+
+
+def _at(cost: dict, step: int, what: str) -> float:
+    return float(np.interp(step, cost["steps"], cost[what]))
 
 
 def _errorbar(ax, xs, cols, key, label, annotate=None):
@@ -300,48 +408,73 @@ def _errorbar(ax, xs, cols, key, label, annotate=None):
             ax.annotate(annotate(c[0]), (x, m), fontsize=6)
 
 
+def _label(e: dict, main_steps) -> str | None:
+    parts = []
+    if e["tail_drop"]:
+        parts.append(f"ρ={e['tail_drop']:g}")
+    if e.get("cache_threshold") is not None:
+        parts.append(f"cache {e['cache_threshold']:g}")
+    if e.get("sample_steps", main_steps) != main_steps:
+        parts.append(f"{e['sample_steps']} steps")
+    return ", ".join(parts) or None
+
+
 def plots(results: dict, out: Path):
+    """quality_vs_steps.png (and the task metric), quality_vs_training_cost.png (against training
+    GFLOPs and wall-clock seconds), quality_vs_inference_tflops.png (the Pareto chart: every row
+    of the last point at the main guidance scale, against TFLOPs per image)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig2, axes2 = plt.subplots(1, 2, figsize=(10, 4))
     qk = right = None
     for name in results:
-        S = _main_scale(results, name)
-        per_step = {k[0]: c for k, c in merged(results, name).items() if k[1] == 0 and k[2] == S}
+        main = _main_row(results, name)
+        per_step = {k[0]: c for k, c in merged(results, name).items() if k[1:] == main}
         steps = sorted(per_step)
         cols = [per_step[k] for k in steps]
         qk = quality_key(cols[0][0])
         right = "class_accuracy" if "class_accuracy" in cols[0][0] else "cov_cd"
         _errorbar(axes[0], steps, cols, qk, name)
         _errorbar(axes[1], steps, cols, right, name)
+        costs = [c for c in (results[name].get("training") or {}).values() if c]
+        if costs:
+            for ax, what in zip(axes2, ("train_gflops", "seconds")):
+                xs = [float(np.mean([_at(c, k, what) for c in costs])) for k in steps]
+                _errorbar(ax, xs, cols, qk, name)
     axes[0].set(xlabel="training step", ylabel=qk, title=f"{qk} against training steps")
     axes[1].set(xlabel="training step", ylabel=right, title=f"{right} against training steps")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_steps.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    axes2[0].set(xlabel="training GFLOPs (3 forwards per sample, 2 FLOPs per MAC)", ylabel=qk, xscale="log",
+                 title=f"{qk} against training compute")
+    axes2[1].set(xlabel="training wall-clock seconds", ylabel=qk, title=f"{qk} against training time")
+    axes2[0].legend(fontsize=7)
+    for f, name in ((fig, "quality_vs_steps.png"), (fig2, "quality_vs_training_cost.png")):
+        f.tight_layout()
+        f.savefig(out / name, dpi=120)
+        plt.close(f)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in results:
-        S = _main_scale(results, name)
+        main = _main_row(results, name)
         m = merged(results, name)
         last = max(k[0] for k in m)
-        keys = sorted(k for k in m if k[0] == last and k[2] == S)
+        keys = [k for k in m if k[0] == last and k[2] == main[1]]
+        keys.sort(key=lambda k: _mean_spread([e["tflops_per_image"] for e in m[k]])[0])
         cols = [m[k] for k in keys]
-        xs = [_mean_spread([e["gflops_per_forward"] for e in c])[0] for c in cols]
-        _errorbar(ax, xs, cols, quality_key(cols[0][0]), name,
-                  annotate=lambda e: f"ρ={e['tail_drop']:g}" if e["tail_drop"] else None)
-    ax.set(xlabel="GFLOPs per forward (MACs, DiT convention)", ylabel=qk,
-           title="quality against inference compute")
+        xs = [_mean_spread([e["tflops_per_image"] for e in c])[0] for c in cols]
+        _errorbar(ax, xs, cols, quality_key(cols[0][0]), name, annotate=lambda e: _label(e, main[3]))
+    ax.set(xlabel="sampling TFLOPs per image (all steps and branches)", ylabel=qk,
+           title="quality against inference compute (last point)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "quality_vs_gflops.png", dpi=120)
+    fig.savefig(out / "quality_vs_inference_tflops.png", dpi=120)
     plt.close(fig)
 
 
 def side_by_side(results: dict, runs: Path, out: Path) -> Path | None:
-    """The first seed's last-point samples (ρ = 0, first scale) of every experiment, in a row:
-    read from the runs under `runs`, written to `out`."""
+    """The first seed's last-point samples (main settings) of every experiment, in a row: read
+    from the runs under `runs`, written to `out`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -368,26 +501,72 @@ def side_by_side(results: dict, runs: Path, out: Path) -> Path | None:
     return path
 
 
+def upcycling_summary(results: dict) -> str:
+    """For every E@upcycle: the first step (interpolated between points) at which its mean quality
+    at the main settings reaches E's final one, with the training GFLOPs spent by then."""
+    lines = []
+    for name in results:
+        base, _, rule = name.partition(BASELINE_SEP)
+        if rule != UPCYCLE or base not in results:
+            continue
+        qk = quality_key(next(iter(results[base]["seeds"].values()))["points"][-1]["evals"][0])
+        better = (lambda a, b: a <= b) if qk in ("fid", "1nna_cd") else (lambda a, b: a >= b)
+
+        def curve(e):
+            main = _main_row(results, e)
+            pts = sorted((k[0], _mean_spread([r.get(qk) for r in c])[0])
+                         for k, c in merged(results, e).items() if k[1:] == main)
+            return pts
+        scratch, up = curve(base), curve(name)
+        target_step, target = scratch[-1]
+        reach = None
+        for (s0, q0), (s1, q1) in zip([(0, None)] + up[:-1], up):
+            if better(q1, target):
+                reach = s1 if q0 is None or q0 == q1 else s0 + (s1 - s0) * (q0 - target) / (q0 - q1)
+                break
+        if reach is None:
+            lines.append(f"- {name}: does not reach {base}'s final {qk} {target:.2f} (step {target_step}) "
+                         f"within its {up[-1][0]} steps (best {min(q for _, q in up):.2f}).")
+            continue
+        costs = [c for c in (results[name].get("training") or {}).values() if c]
+        scratch_costs = [c for c in (results[base].get("training") or {}).values() if c]
+        g = (f"; {np.mean([_at(c, reach, 'train_gflops') for c in costs]) / 1e3:.2f} vs "
+             f"{np.mean([_at(c, target_step, 'train_gflops') for c in scratch_costs]) / 1e3:.2f} training TFLOPs"
+             if costs and scratch_costs else "")
+        lines.append(f"- {name} reaches {base}'s final {qk} {target:.2f} (step {target_step}) at step "
+                     f"{reach:.0f}: {target_step / reach:.1f}x fewer steps{g} (the DiT's own training not counted).")
+    return ("\n\nUpcycling:\n" + "\n".join(lines)) if lines else ""
+
+
 def table(results: dict) -> str:
-    """One row per (experiment, step, ρ, guidance scale): the mean over the seeds that have it
-    and, with two or more, ± half their range."""
+    """One row per (experiment, step, ρ, guidance scale, cache, sampler steps): the mean over the
+    seeds that have it and, with two or more, ± half their range; training GFLOPs and seconds
+    up to the step (mean over seeds)."""
     first = next(iter(next(iter(results.values()))["seeds"].values()))["points"][-1]["evals"][0]
     if quality_key(first) == "fid":
         extra_h, extra = ["FID", "class accuracy"], [("fid", 2), ("class_accuracy", 3)]
     else:
         extra_h, extra = ["1-NNA (CD)", "COV (CD)", "MMD (CD)"], [("1nna_cd", 3), ("cov_cd", 3), ("mmd_cd", 5)]
-    head = ["experiment", "step", "ρ", "CFG", "seeds", *extra_h, "tokens kept", "GFLOPs/forward (DiT)",
-            "TFLOPs/image (DC-DiT)", "s/train step"]
+    head = ["experiment", "step", "ρ", "CFG", "cache", "sampler steps", "seeds", *extra_h, "tokens kept",
+            "GFLOPs/forward (DiT)", "TFLOPs/image (DC-DiT)", "backbone calls reused", "train TFLOPs",
+            "train s", "s/train step"]
     lines = ["Mean over the seeds that have the row; ± half the range between them.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         sps = [s["seconds_per_step"] for s in r["seeds"].values()]
-        for (step, rho, S), col in merged(results, name).items():
-            cells = [name, str(step), f"{rho:g}", f"{S:g}", str(len(col))]
+        costs = [c for c in (r.get("training") or {}).values() if c]
+        for (step, rho, S, cache, n), col in merged(results, name).items():
+            cells = [name, str(step), f"{rho:g}", f"{S:g}", "–" if cache is None else f"{cache:g}", str(n),
+                     str(len(col))]
             cells += [_fmt([c.get(k) for c in col], d) for k, d in extra]
+            reused = [c["backbone_reused"] / c["backbone_calls"] for c in col if c.get("backbone_calls")]
             cells += [f"{_mean_spread([c['tokens_kept_mean'] for c in col])[0]:.1f}",
                       f"{_mean_spread([c['gflops_per_forward'] for c in col])[0]:.4f}",
-                      f"{_mean_spread([c['tflops_per_image'] for c in col])[0]:.5f}", _fmt(sps, 3)]
+                      f"{_mean_spread([c['tflops_per_image'] for c in col])[0]:.5f}",
+                      f"{np.mean(reused):.0%}" if reused else "–",
+                      f"{np.mean([_at(c, step, 'train_gflops') for c in costs]) / 1e3:.2f}" if costs else "–",
+                      f"{np.mean([_at(c, step, 'seconds') for c in costs]):.0f}" if costs else "–",
+                      _fmt(sps, 3)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -433,16 +612,22 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         run_one(exp, int(seed), cfg)
         return out
     experiments, seeds = list(cfg.experiments), [int(s) for s in cfg.seeds]
-    experiments += [f"{e}{BASELINE_SEP}{r}" for e in cfg.experiments for r in cfg.baselines
-                    if _drops_tokens(e, list(cfg.train_overrides))]
+    chunking = [e for e in cfg.experiments if _drops_tokens(e, list(cfg.train_overrides))]
+    experiments += [f"{e}{BASELINE_SEP}{r}" for e in chunking for r in cfg.baselines]
+    if cfg.upcycle:  # after every baseline: each starts from its seed's trained E@token
+        experiments += [f"{e}{BASELINE_SEP}token" for e in chunking if "token" not in cfg.baselines]
+        experiments += [f"{e}{BASELINE_SEP}{UPCYCLE}" for e in chunking]
     sizes = model_sizes(experiments, list(cfg.train_overrides))
     print(sizes_table(sizes), flush=True)
     pairs = [] if cfg.report else [(e, s) for e in experiments for s in seeds]
-    if cfg.jobs == 1:
-        for e, s in pairs:
-            run_one(e, s, cfg)
-    elif pairs:
-        _workers(cfg, pairs, argv)
+    # upcycled runs start from a finished baseline of the same seed: they run after the others
+    for phase in ([p for p in pairs if not p[0].endswith(UPCYCLE_SUFFIX)],
+                  [p for p in pairs if p[0].endswith(UPCYCLE_SUFFIX)]):
+        if cfg.jobs == 1:
+            for e, s in phase:
+                run_one(e, s, cfg)
+        elif phase:
+            _workers(cfg, phase, argv)
     results = {}
     for e in experiments:
         done = {s: out / e / f"seed{s}" / "result.json" for s in seeds}
@@ -453,6 +638,8 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
             results[e] = {"seeds": {s: json.loads(f.read_text()) for s, f in done.items() if f.is_file()}}
     if not results:
         raise SystemExit(f"compare: no results under {out}")
+    for e, r in results.items():  # the training cost curves, read from the runs' metrics
+        r["training"] = {s: training_cost(out / e / f"seed{s}" / "run") for s in r["seeds"]}
     if cfg.upto_step is not None:
         for r in results.values():
             for seed in r["seeds"].values():
@@ -469,7 +656,7 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
                "cfg_scale": [cfg.sample.cfg_scale, *cfg.extra_cfg_scales], "threads": cfg.threads,
                "jobs": cfg.jobs, "torch": torch.__version__, "models": sizes, "results": results}
     (report / "compare.json").write_text(json.dumps(summary, indent=2, default=float))
-    md = table(results)
+    md = table(results) + upcycling_summary(results)
     (report / "compare.md").write_text(f"`{summary['command']}`\n\n{sizes_table(sizes)}\n\n{md}\n")
     plots(results, report)
     side_by_side(results, out, report)

@@ -55,13 +55,16 @@ def dc_step_recorder(model, branches: int):
     conditional and of the unconditional branch (= conditional without CFG)."""
     from .flops import per_sample_macs
 
-    def record(counts: torch.Tensor) -> torch.Tensor:
+    def record(counts: torch.Tensor, backbone: bool = True) -> torch.Tensor:
         counts = counts.detach().to("cpu", torch.float64).reshape(-1)
         if counts.numel() % branches:
             raise ValueError(f"a forward of {counts.numel()} rows does not split into {branches} branches")
         B = counts.numel() // branches
-        macs = per_sample_macs(model, counts)["total"].view(branches, B)
-        ref = per_sample_macs(model, counts, count_residual_proj=False)["total"].view(branches, B)
+        # a step cache's reused call: the encoder, router and decoder ran, the backbone and the
+        # de-chunk did not, which costs what a forward keeping no token costs
+        ran = counts if backbone else torch.zeros_like(counts)
+        macs = per_sample_macs(model, ran)["total"].view(branches, B)
+        ref = per_sample_macs(model, ran, count_residual_proj=False)["total"].view(branches, B)
         c = counts.view(branches, B)
         return torch.stack([macs.sum(0), macs[0], ref.sum(0), c[0], c[-1]], 1)
 
@@ -71,7 +74,8 @@ def dc_step_recorder(model, branches: int):
 def cost_summary(model, result: dict, branches: int) -> dict:
     """Per-image costs of one rank's `generate` result: (n, 5) rows of
     [MACs all branches, MACs conditional, MACs all with [R]'s counter, mean kept cond, mean kept
-    uncond] summed (MACs) or averaged (tokens) over the sampling steps."""
+    uncond] summed (MACs) or averaged (tokens) over the sampling steps. Calls whose backbone a
+    step cache reused (`result["reused"]`) pay for no backbone."""
     from .flops import per_sample_macs
     n = int(result["samples"].shape[0])
     if n == 0:
@@ -83,12 +87,17 @@ def cost_summary(model, result: dict, branches: int) -> dict:
                                  sf[..., _KEPT_UNCOND].mean(1)], 1)
         kept_by_step = sf[..., _KEPT_COND].sum(0)  # (K,) summed over this rank's images
         K = sf.shape[1]
-    else:  # DiT: every token at every step
+    else:  # DiT: every token at every step, less the backbone of the steps a step cache reused
         K = len(result.get("ts") or [])
-        one = float(per_sample_macs(model, batch=1)["total"][0])
+        comp = per_sample_macs(model, batch=1)
+        one, backbone = float(comp["total"][0]), float(comp["backbone"][0])
         L = float(math.prod(model.token_grid))
         per_image = torch.tensor([[branches * K * one, K * one, branches * K * one, L, L]],
                                  dtype=torch.float64).expand(n, 5).clone()
+        if "reused" in result:
+            saved = result["reused"].double().sum(1) * backbone  # (n,)
+            per_image[:, [_MACS_ALL, _MACS_ALL_REF]] -= branches * saved[:, None]
+            per_image[:, _MACS_COND] -= saved
         kept_by_step = torch.full((K,), L * n, dtype=torch.float64)
     return {"per_image": per_image.numpy(), "kept_by_step": kept_by_step.numpy(), "steps": K}
 

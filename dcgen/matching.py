@@ -154,7 +154,7 @@ def baseline(cfg: DictConfig, rule: str, task=None, tol: float = TOLERANCE) -> B
     removed = [k for k in dc_node if k not in node]
     overrides = [f"~model.{k}" for k in removed if k != "_target_"]
     overrides += [f"model._target_={DIT_TARGET}"]
-    overrides += [f"++model.{k}={_hydra(v)}" for k, v in node.items() if k != "_target_"]
+    overrides += [f"model.{k}={_hydra(v)}" for k, v in node.items() if k != "_target_"]
     return Baseline(rule, overrides, node, params, gflops, ref_params, ref_gflops, M, notes)
 
 

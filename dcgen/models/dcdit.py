@@ -164,12 +164,18 @@ class DCDiT(ConditionedModel):
         # 3. backbone on the kept tokens, position embedding at their original coordinates; the
         # add promotes the chunk to the fp32 residual stream (never the table down to bf16)
         sd = self.stream_dtype
-        z = z.to(sd) + self.pos_embed[idx.pos_idx].to(sd)  # (T, D) fp32
-        z = self.run_blocks(z, c, idx)  # the ChunkIndex is the packing attention needs  # (T, D) fp32
-        z = self.backbone_norm(z)
+        cache = self.step_cache  # step caching: reuse the last computed step's de-chunked output
+        if cache is not None and cache.reuse(self.blocks[0].modulated_input(e.to(sd) + self.pos_embed.to(sd), c)):
+            zt = cache.value  # (B, L, D) fp32
+        else:
+            z = z.to(sd) + self.pos_embed[idx.pos_idx].to(sd)  # (T, D) fp32
+            z = self.run_blocks(z, c, idx)  # the ChunkIndex is the packing attention needs  # (T, D) fp32
+            z = self.backbone_norm(z)
 
-        # 4. de-chunk, STE-weighted residual merge (fp32), decoder
-        zt = self.dechunk(z, idx, route.boundary_prob)  # (B, L, D) fp32
+            # 4. de-chunk, STE-weighted residual merge (fp32), decoder
+            zt = self.dechunk(z, idx, route.boundary_prob)  # (B, L, D) fp32
+            if cache is not None:
+                cache.store(zt)
         kappa = ste(route.selected_probs)[..., None]  # fp32 ones, gradient to p
         if self.residual_autocast:
             # [R] Q3: h.to(residual.dtype) * ste(p) + residual: zt is rounded to the residual's

@@ -89,6 +89,12 @@ class DiTBlock(nn.Module):
         x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
         return x
 
+    def modulated_input(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """modulate(LN(x), shift1, scale1) of dense (B, L, D) tokens: what the attention branch
+        reads, the indicator of step caching (dcgen.diffusion.caching)."""
+        sh1, sc1 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)[:2]
+        return modulate(self.norm1(x), sh1, sc1)
+
 
 def init_dit_linears(module: nn.Module):
     """Xavier-uniform weights, zero biases for every Linear not flagged to keep its init."""
@@ -120,6 +126,8 @@ class ConditionedModel(nn.Module, PyTorchModelHubMixin, library_name="dcgen",
                        repo_url="https://arxiv.org/abs/2603.06351"):
     """Shared conditioning c = t_emb (+ y_emb) of DiT and DC-DiT, and the precision rules both
     follow (docs/design.md, "Precision under autocast")."""
+
+    step_cache = None  # a dcgen.diffusion.caching.StepCache while sampling with step caching
 
     @property
     def config(self) -> dict:
@@ -261,6 +269,13 @@ class DiT(ConditionedModel):
             sd = self.stream_dtype  # the residual stream is fp32 under autocast
             h = self.x_embedder(x).to(sd) + self.pos_embed.to(sd)  # (B, L, D)
             c = self.conditioning(t, y)  # (B, D)
-            h = self.run_blocks(h, c)  # (B, L, D)
+            cache = self.step_cache
+            if cache is not None and cache.reuse(self.blocks[0].modulated_input(h, c)):
+                h = h + cache.value  # the backbone's residual of the last computed step
+            else:
+                h_in = h
+                h = self.run_blocks(h, c)  # (B, L, D)
+                if cache is not None:
+                    cache.store(h - h_in)
             h = self.final_layer(h, c)  # (B, L, prod(P) * 2C), autocast dtype under autocast
             return unpatchify(h, self.token_grid, self.patch, self.out_channels), []
