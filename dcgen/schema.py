@@ -30,7 +30,7 @@ from .rules import (MAX_SEED, MIXED_PRECISION, TRACKERS, Rule, boolean, choice, 
 
 DEVICE = Rule(lambda v: isinstance(v, str) and __import__("re").fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
               "auto, cpu, cuda or cuda:N")
-SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc", "euler", "heun")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc", "euler", "heun", "sde")
 
 
 def key(default, rule: Rule | None, help: str):
@@ -58,7 +58,7 @@ class Sampling:
     batch_size: int = key(64, int_(1), "samples per model batch, per process")
     steps: int = key(250, int_(1), "sampling steps (respaced DDPM / DDIM steps, Euler / Heun steps)")
     sampler: str = key("ddpm", choice(*SAMPLERS),
-                       "ddpm | ddim | dpm++ | unipc (gaussian objective); euler | heun (flow)")
+                       "ddpm | ddim | dpm++ | unipc (gaussian objective); euler | heun | sde (flow)")
     cfg_scale: float = key(1.0, num(0), "classifier-free guidance scale; 1 = no guidance "
                            "(Lite-CFG: cfg_scale=1.25 tail_drop=0 tail_drop_uncond=0.9)")
     cfg_channels: Optional[str] = key(None, choice(None, "all", "legacy3"),

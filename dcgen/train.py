@@ -96,7 +96,7 @@ def step_randomness(seed: int, rows: range, sample_shape, objective, p_drop: flo
     t, noise, drop = [], [], []
     for q in rows:
         g = item_generator(seed, "train-step", q)
-        t.append(objective.draw_timesteps(1, g))  # integer t (Gaussian) or s in [0, 1] (flow)
+        t.append(objective.draw_timesteps(1, g, shape=(1, *sample_shape)))  # integer t (Gaussian) or s in [0, 1] (flow)
         noise.append(torch.randn(1, *sample_shape, generator=g))
         drop.append(torch.rand(1, generator=g) < p_drop)
     return torch.cat(t), torch.cat(noise), torch.cat(drop)

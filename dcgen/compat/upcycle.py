@@ -224,7 +224,7 @@ def distill_terms(objective, student, teacher, x0: torch.Tensor, y=None, t=None,
     if noise is None:
         noise = randn(x0.shape, generator, x0.device, x0.dtype)
     if t is None:
-        t = objective.draw_timesteps(B, generator)
+        t = objective.draw_timesteps(B, generator, shape=tuple(x0.shape))
     t = host_to_device(torch.as_tensor(t), x0.device)
     t = t.to(x0.dtype) if t.is_floating_point() else t.long()  # flow times / integer steps
     x_t = objective.noised(x0, t, noise)

@@ -463,8 +463,9 @@ class GaussianDiffusion:
         """Training timesteps lie in [0, time_range): integer t < num_timesteps."""
         return float(self.num_timesteps)
 
-    def draw_timesteps(self, B: int, generator=None) -> torch.Tensor:
-        """The training timesteps of B samples, (B,) int64, drawn through `generator`."""
+    def draw_timesteps(self, B: int, generator=None, shape=None) -> torch.Tensor:
+        """The training timesteps of B samples, (B,) int64, drawn through `generator` (`shape`,
+        the data's, is not needed here)."""
         return randint(self.num_timesteps, (B,), generator)
 
     def noised(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
