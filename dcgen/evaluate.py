@@ -55,17 +55,20 @@ def dc_step_recorder(model, branches: int):
     conditional and of the unconditional branch (= conditional without CFG)."""
     from .flops import per_sample_macs
 
-    def record(counts: torch.Tensor, backbone: bool = True) -> torch.Tensor:
+    def record(counts: torch.Tensor, rows: int | None = None, backbone: bool = True) -> torch.Tensor:
         counts = counts.detach().to("cpu", torch.float64).reshape(-1)
-        if counts.numel() % branches:
+        # `rows` images: a call outside a guidance interval ran one branch, not `branches`
+        k = branches if rows is None else counts.numel() // rows
+        if counts.numel() % k or (rows is not None and counts.numel() != k * rows) or k > branches:
             raise ValueError(f"a forward of {counts.numel()} rows does not split into {branches} branches")
-        B = counts.numel() // branches
+        B = counts.numel() // k
+        branches_run = k
         # a step cache's reused call: the encoder, router and decoder ran, the backbone and the
         # de-chunk did not, which costs what a forward keeping no token costs
         ran = counts if backbone else torch.zeros_like(counts)
-        macs = per_sample_macs(model, ran)["total"].view(branches, B)
-        ref = per_sample_macs(model, ran, count_residual_proj=False)["total"].view(branches, B)
-        c = counts.view(branches, B)
+        macs = per_sample_macs(model, ran)["total"].view(branches_run, B)
+        ref = per_sample_macs(model, ran, count_residual_proj=False)["total"].view(branches_run, B)
+        c = counts.view(branches_run, B)
         return torch.stack([macs.sum(0), macs[0], ref.sum(0), c[0], c[-1]], 1)
 
     return record
@@ -92,12 +95,18 @@ def cost_summary(model, result: dict, branches: int) -> dict:
         comp = per_sample_macs(model, batch=1)
         one, backbone = float(comp["total"][0]), float(comp["backbone"][0])
         L = float(math.prod(model.token_grid))
-        per_image = torch.tensor([[branches * K * one, K * one, branches * K * one, L, L]],
+        # calls outside a guidance interval ran one branch
+        runs = K if branches == 1 else K + int(result["guided_calls"].sum()) if "guided_calls" in result \
+            else branches * K
+        per_image = torch.tensor([[runs * one, K * one, runs * one, L, L]],
                                  dtype=torch.float64).expand(n, 5).clone()
         if "reused" in result:
-            saved = result["reused"].double().sum(1) * backbone  # (n,)
-            per_image[:, [_MACS_ALL, _MACS_ALL_REF]] -= branches * saved[:, None]
-            per_image[:, _MACS_COND] -= saved
+            width = torch.full((K,), float(branches), dtype=torch.float64)  # branches per call
+            if branches > 1 and "guided_calls" in result:
+                width = 1.0 + result["guided_calls"].double()
+            reused = result["reused"].double()  # (n, K)
+            per_image[:, [_MACS_ALL, _MACS_ALL_REF]] -= ((reused * width).sum(1) * backbone)[:, None]
+            per_image[:, _MACS_COND] -= reused.sum(1) * backbone
         kept_by_step = torch.full((K,), L * n, dtype=torch.float64)
     return {"per_image": per_image.numpy(), "kept_by_step": kept_by_step.numpy(), "steps": K}
 

@@ -432,7 +432,7 @@ class DCDiTPipeline(DiffusionPipeline):
                  latents: torch.Tensor | None = None, return_boundary_maps: bool = False,
                  output_type: str = "pt", return_dict: bool = True, timesteps=None,
                  cfg_channels: str | None = None, eta: float = 0.0, batch_size: int | None = None,
-                 callback: Callable | None = None):
+                 callback: Callable | None = None, cfg_interval=None):
         """Generate class-conditional samples.
 
         class_labels: int, list or (B,) tensor in [0, num_classes) (None for an unconditional
@@ -443,6 +443,7 @@ class DCDiTPipeline(DiffusionPipeline):
             cfg_channels (None: the pipeline's), the variance from the conditional branch.
         tail_drop: ρ_c, float or (B,) tensor; tail_drop_uncond: ρ_u (None = ρ_c). Lite-CFG:
             guidance_scale=1.25, tail_drop=0.0, tail_drop_uncond=0.9.
+        cfg_interval: [lo, hi]: guide only the calls at noise levels t / (T − 1) in it (None: all).
         generator: draws the initial noise (unless `latents` is given) and the schedulers'
             per-step noise, in dcgen's order. latents: the initial noise (B, C, *G).
         return_boundary_maps: also return, per model call, the router's p of the conditional
@@ -478,7 +479,8 @@ class DCDiTPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=torch.float32)
 
         net = conditional_net(model, int(getattr(model, "num_classes", 0) or 0), guidance_scale,
-                              cfg_channels or self.config.cfg_channels, tail_drop, tail_drop_uncond)
+                              cfg_channels or self.config.cfg_channels, tail_drop, tail_drop_uncond,
+                              interval=cfg_interval, t_max=self.scheduler.config.num_train_timesteps - 1)
         # the recording of dcgen.sample.generate: every call's kept fraction, and with
         # return_boundary_maps every call's map of the B (conditional) rows
         record = StepRecorder(B, map_rows=B if return_boundary_maps else 0, then=callback)

@@ -88,7 +88,7 @@ def check_request(objective, task, num_samples: int, steps, sampler: str, labels
 
 
 SAMPLING_KEYS = ("num_samples", "batch_size", "steps", "sampler", "cfg_scale", "cfg_channels",
-                 "tail_drop", "tail_drop_uncond", "cache_threshold")
+                 "tail_drop", "tail_drop_uncond", "cache_threshold", "cfg_interval", "guide_tail_drop")
 
 
 def sampling_args(node, export_cfg: dict | None = None, **changes) -> dict:
@@ -107,7 +107,8 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
              cfg_scale: float = 1.0, cfg_channels: str = "all", tail_drop: float = 0.0,
              tail_drop_uncond: float | None = None, labels=None, seed: int = 0, batch_size: int = 64,
              device=None, record: bool = True, map_samples: int = 4, map_timesteps: int = 8,
-             progress: bool = False, flop_fn=None, cache_threshold: float | None = None) -> dict:
+             progress: bool = False, flop_fn=None, cache_threshold: float | None = None,
+             cfg_interval=None, guide=None, guide_tail_drop: float | None = None) -> dict:
     """Sample `num_samples` in model space. With `record`, also collect per model call the kept
     fraction of every (conditional) sample, the mean p, and for the first `map_samples` samples
     the boundary-probability maps and x_t at `map_timesteps` evenly spaced calls.
@@ -118,6 +119,9 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
     `cache_threshold`: step caching (dcgen.diffusion.caching; None: off, 0: on but never reusing);
     with it, backbone_calls and backbone_reused (forwards, summed over batches) and, with
     `record`, reused (N, K) bool: the calls whose backbone was skipped, per sample.
+    `cfg_interval` [lo, hi]: guide only at noise levels t / t_max in it (dcgen.diffusion.guidance);
+    with `record`, guided_calls (K,) bool. `guide`, `guide_tail_drop`: autoguidance by `guide` (a
+    weaker model, or `model` itself at a higher tail drop) instead of the unconditional branch.
     """
     from .diffusion.caching import StepCache, check_threshold, step_caching
     device = device or next(model.parameters()).device
@@ -135,7 +139,13 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.numel() != num_samples:  # fewer labels than samples: repeated in turn
             labels = labels.repeat(math.ceil(num_samples / labels.numel()))[:num_samples]
-    net = conditional_net(model, nc, cfg_scale, cfg_channels, tail_drop, tail_drop_uncond)
+    if guide is not None and guide is not model and flop_fn is not None:
+        raise ValueError("FLOP counting with a separate guide model is not implemented (its rows are "
+                         "not in the model's aux); count with the model as its own guide, or without flop_fn")
+    # the noisiest model timestep: 999 for both objectives (Gaussian: T - 1; flow: s * 999)
+    t_max = float(getattr(objective, "num_timesteps", 1000) - 1)
+    net = conditional_net(model, nc, cfg_scale, cfg_channels, tail_drop, tail_drop_uncond,
+                          interval=cfg_interval, t_max=t_max, guide=guide, guide_tail_drop=guide_tail_drop)
     shape_one = (task.channels, *task.grid)
     outs, rec = [], {"ts": None, "kept": [], "mean_p": [], "maps": {}, "step_flops": []}
     map_calls = None
@@ -174,6 +184,9 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
             f"steps={steps}, cfg_scale={cfg_scale}); nothing was written")
     result = {"samples": samples, "labels": labels, "seconds": time.time() - t0,
               "token_grid": tuple(model.token_grid)}
+    if record and hasattr(net, "guided_rows"):
+        result["guided_calls"] = torch.tensor([bool(net.guided_rows(torch.tensor([t]))[0]) for t in rec["ts"] or []],
+                                              dtype=torch.bool)
     if cache is not None:
         result.update(backbone_calls=calls, backbone_reused=reused)
         if record:
@@ -184,6 +197,22 @@ def generate(model, objective, task, num_samples: int = 16, steps: int = 250, sa
         if rec["step_flops"]:
             result["step_flops"] = torch.cat(rec["step_flops"])
     return result
+
+
+def guide_model(guide_run_dir, run_dir, model, task, device):
+    """The autoguidance model of `guide_run_dir` (a run dir or export, loaded as untrusted as any
+    other; its task must have the model's shape), `model` itself when it names the same run, or
+    None."""
+    if guide_run_dir is None:
+        return None
+    if Path(guide_run_dir).resolve() == Path(run_dir).resolve():
+        return model
+    guide, _, gtask, _ = load_run(guide_run_dir, device)
+    if (tuple(gtask.grid), gtask.channels, gtask.num_classes) != (tuple(task.grid), task.channels, task.num_classes):
+        raise ValueError(f"guide_run_dir={guide_run_dir}: its task has grid {tuple(gtask.grid)}, {gtask.channels} "
+                         f"channels and {gtask.num_classes} classes; the model's has {tuple(task.grid)}, "
+                         f"{task.channels} and {task.num_classes}")
+    return guide.eval()
 
 
 def write_boundary_outputs(result: dict, task, out_dir: Path) -> list[Path]:
@@ -235,9 +264,13 @@ def sample_command(cfg: DictConfig) -> Path:
     check_request(objective, task, num_samples=args["num_samples"], steps=args["steps"],
                   sampler=args["sampler"], labels=labels, seed=cfg.seed)
     check_memory(args["num_samples"], task)
+    guide = guide_model(cfg.get("guide_run_dir"), cfg.run_dir, model, task, device)
+    if args.get("cfg_interval") is not None:
+        args["cfg_interval"] = list(args["cfg_interval"])
     conditional_net(model, task.num_classes, args["cfg_scale"], args["cfg_channels"],
-                    args["tail_drop"], args.get("tail_drop_uncond"))  # checks the guidance settings
-    result = generate(model, objective, task, **args, labels=labels,
+                    args["tail_drop"], args.get("tail_drop_uncond"), interval=args.get("cfg_interval"),
+                    guide=guide, guide_tail_drop=args.get("guide_tail_drop"))  # checks the guidance settings
+    result = generate(model, objective, task, **args, labels=labels, guide=guide,
                       seed=cfg.seed, device=device, record=True, map_samples=cfg.boundary_maps,
                       map_timesteps=cfg.map_timesteps, progress=True)
     data = task.decode(result["samples"].to(device)).cpu()

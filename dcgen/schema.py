@@ -71,6 +71,13 @@ class Sampling:
                                            "step caching (TeaCache rule, dcgen/diffusion/caching.py): reuse the "
                                            "backbone while the accumulated relative change of its modulated "
                                            "input stays below this; null: off")
+    cfg_interval: Optional[List[float]] = key(None, optional(list_of(num(0, 1))),
+                                              "[lo, hi]: guide only at noise levels t/999 in [lo, hi] (1 = pure "
+                                              "noise; Kynkaanniemi et al. 2024); null: at every step")
+    guide_run_dir: Optional[str] = key(None, None, "autoguidance: the run dir or export of a weaker model that "
+                                       "replaces the unconditional branch (may be the run itself)")
+    guide_tail_drop: Optional[float] = key(None, optional(num(0, 1, hi_open=True)),
+                                           "autoguidance: the guide's tail-drop budget; null = tail_drop")
 
 
 # ------------------------------------------------------------------------------------------------

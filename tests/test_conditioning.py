@@ -15,8 +15,9 @@ TINY = ["task=pixel", "task.resolution=16", "train.global_batch_size=16", "train
 
 def label_effect(model, objective, task, t=500, n=32):
     """||eps(x_t, y) - eps(x_t, y')|| / ||eps(x_t, y)|| on training digits, y' another class."""
-    x, y = task._tensors
-    x0, y0 = x[:n].float(), y[:n].long()
+    ds = task.train_dataset()
+    x0 = torch.stack([ds[i][0] for i in range(n)]).float()
+    y0 = torch.stack([torch.as_tensor(ds[i][1]) for i in range(n)]).long()
     gen = torch.Generator().manual_seed(0)
     a = float(objective.alphas_cumprod[t])
     xt = a ** 0.5 * x0 + (1 - a) ** 0.5 * torch.randn(x0.shape, generator=gen)

@@ -33,7 +33,8 @@ class StepRecorder:
     sampler: dcgen's and the diffusers pipeline's). Per call, for the first `rows` samples of the
     batch (the conditional half under CFG): the timestep, the kept fraction and mean boundary
     probability of the first chunking stage, the MACs `flop_fn(kept_counts)` of every row when
-    given (`flop_fn(kept_counts, backbone=False)` at a call whose backbone a step `cache` reused), whether it was reused, and for the first `map_rows` samples the boundary-probability map and x_t at the calls
+    given (`flop_fn(kept_counts, rows=B)`; `backbone=False` at a call whose backbone a step `cache`
+    reused), whether it was reused, and for the first `map_rows` samples the boundary-probability map and x_t at the calls
     in `map_calls` (None: every call). A model that keeps every token records kept = mean p = 1."""
 
     def __init__(self, rows: int, map_rows: int = 0, map_calls=None, flop_fn=None, then=None, cache=None):
@@ -58,8 +59,8 @@ class StepRecorder:
             self.mean_p.append(s.boundary_prob[:B].float().mean(1).cpu())
             if self.flop_fn is not None:
                 # every branch's rows; a call whose backbone was reused pays for no backbone
-                self.flops.append(self.flop_fn(s.kept_counts, backbone=False) if reused else
-                                  self.flop_fn(s.kept_counts))
+                self.flops.append(self.flop_fn(s.kept_counts, rows=B, backbone=False) if reused else
+                                  self.flop_fn(s.kept_counts, rows=B))
             if self.map_rows and (self.map_calls is None or i in self.map_calls):
                 self.maps[i] = (s.boundary_prob[:self.map_rows].float().cpu(),
                                 x_t[:self.map_rows].float().cpu(), self.ts[-1])
