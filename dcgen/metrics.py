@@ -5,7 +5,10 @@ TF-FID graph), and the `.npz` that the ADM evaluation suite reads (METHOD §8).
 Only the feature extraction loop and the input plumbing are ours; the metric arithmetic is
 torch-fidelity's (`fid_statistics_to_metric`, `isc_features_to_metric`, `kid_features_to_metric`,
 `prc_features_to_metric`). Features: pool3 "2048" for FID, KID and precision/recall,
-"logits_unbiased" (1008) for IS, as torch-fidelity's defaults.
+"logits_unbiased" (1008) for IS, as torch-fidelity's defaults; "spatial" (2023, the ADM suite's
+mixed_6/conv) for sFID and any TorchScript encoder for `fd_<name>` (dcgen/feature_nets.py). Every
+Fréchet distance is `fd_from_features`; metrics.json names the network of every number
+(`networks`).
 
 The network: torch-fidelity's Inception with its default weights (a download) or a state-dict
 file, or, offline, a TorchScript file of the same TF-FID Inception (the one in the
@@ -43,7 +46,8 @@ from PIL import Image
 
 log = logging.getLogger("dcgen.metrics")
 
-METRICS = ("fid", "is", "kid", "prc")
+METRICS = ("fid", "is", "kid", "prc", "sfid")
+DEFAULT_METRICS = ("fid", "is", "kid", "prc")
 _ALIASES = {"isc": "is", "inception_score": "is", "precision_recall": "prc", "pr": "prc"}
 EXTRACTOR = "inception-v3-compat"
 FEATURES = ("2048", "logits_unbiased")
@@ -508,7 +512,7 @@ def _fingerprint(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns}
 
 
-def _reference_key(reference: Path, size, weights) -> str:
+def _reference_key(reference: Path, size, weights, network: str | None = None) -> str:
     ident = {"reference": _fingerprint(reference) if reference.is_file() else
              {"dir": str(reference.resolve()),
               "files": hashlib.sha256("".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}\n"
@@ -516,6 +520,8 @@ def _reference_key(reference: Path, size, weights) -> str:
              "size": size,
              "extractor": TORCHSCRIPT_EXTRACTOR if weights and is_torchscript_file(weights) else EXTRACTOR,
              "weights": _fingerprint(Path(weights)) if weights else "torch-fidelity-default"}
+    if network is not None:  # another feature set than Inception's own (sFID's, an encoder's)
+        ident["network"] = network
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -526,7 +532,7 @@ def default_cache_dir() -> Path:
 
 def reference_features(reference, extractor, size: int | None = None, weights=None, device="cpu",
                        batch_size: int = 50, num_workers: int = 0, cache_dir=None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, network: str | None = None) -> dict:
     """Features of the reference set ({"2048", "logits_unbiased"}, plus "num"), or
     {"mu", "sigma"} for an ADM batch that holds only statistics. Cached by content fingerprint
     (path, sizes, mtimes, crop size, Inception weights) under `cache_dir` (False disables)."""
@@ -549,7 +555,7 @@ def reference_features(reference, extractor, size: int | None = None, weights=No
         check_adm_npz(ref)
     cache = None
     if cache_dir is not False:
-        cache = Path(cache_dir or default_cache_dir()) / f"{_reference_key(ref, size, weights)}.npz"
+        cache = Path(cache_dir or default_cache_dir()) / f"{_reference_key(ref, size, weights, network)}.npz"
         if cache.is_file():
             with np.load(cache) as z:
                 log.info("reference features from cache %s", cache)
@@ -610,6 +616,17 @@ def frechet_distance_low_rank(f1: torch.Tensor, f2: torch.Tensor) -> float:
     return float(((mu1 - mu2) ** 2).sum() + (A * A).sum() + (B * B).sum() - 2 * nuclear)
 
 
+def fd_from_features(generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """The Fréchet distance between two feature sets, whatever network made them (FID, sFID,
+    FD-DINOv2): torch-fidelity's arithmetic on their Gaussians, or the exact low-rank form when a
+    set has fewer samples than dimensions."""
+    if generated.shape[1] != reference.shape[1]:
+        raise ValueError(f"features of different sizes: {generated.shape[1]} vs {reference.shape[1]}")
+    if min(generated.shape[0], reference.shape[0]) < generated.shape[1]:
+        return frechet_distance_low_rank(generated, reference)
+    return frechet_distance(*_stats(generated), *_stats(reference))
+
+
 def _stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     f = features.double().numpy()
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
@@ -629,7 +646,7 @@ def normalise_metrics(metrics) -> list[str]:
     return out
 
 
-def score(generated: dict, reference: dict | None, metrics=METRICS, kid_subset_size: int = 1000,
+def score(generated: dict, reference: dict | None, metrics=DEFAULT_METRICS, kid_subset_size: int = 1000,
           kid_subsets: int = 100, isc_splits: int = 10, prc_neighborhood: int = 3,
           seed: int = 2020) -> dict:
     """The requested scores from features (see `extract_features` / `reference_features`).
@@ -651,6 +668,8 @@ def score(generated: dict, reference: dict | None, metrics=METRICS, kid_subset_s
         r = isc_features_to_metric(generated["logits_unbiased"], splits=splits, shuffle=True, rng_seed=seed)
         out.update({"is": r["inception_score_mean"], "is_std": r["inception_score_std"], "is_splits": splits})
     binary = [m for m in metrics if m != "is"]
+    if "sfid" in metrics and "spatial" not in generated:
+        log.warning("the Inception network has no mixed_6/conv layer (a TorchScript pool3 file): sFID not computed")
     if not binary:
         return out
     if reference is None:
@@ -659,12 +678,13 @@ def score(generated: dict, reference: dict | None, metrics=METRICS, kid_subset_s
         return out
     if "fid" in metrics:
         r = reference.get("2048")
-        if r is not None and min(n, r.shape[0]) < g.shape[1]:  # small sets: exact, and fast
-            out["fid"] = frechet_distance_low_rank(g, r)
+        if r is not None:
+            out["fid"] = fd_from_features(g, r)
         else:
-            mu_g, sig_g = _stats(g)
-            mu_r, sig_r = (reference["mu"], reference["sigma"]) if r is None else _stats(r)
-            out["fid"] = frechet_distance(mu_g, sig_g, mu_r, sig_r)
+            out["fid"] = frechet_distance(*_stats(g), reference["mu"], reference["sigma"])
+    if "sfid" in metrics:
+        gs, rs = generated.get("spatial"), reference.get("spatial")
+        out["sfid"] = fd_from_features(gs, rs) if gs is not None and rs is not None else None
     r_feats = reference.get("2048")
     if r_feats is None:
         for m in binary:
@@ -700,18 +720,20 @@ def score(generated: dict, reference: dict | None, metrics=METRICS, kid_subset_s
 # One call for tasks
 # --------------------------------------------------------------------------------------------
 
-def evaluate_images(samples=None, out_dir=None, reference=None, metrics=METRICS,
+def evaluate_images(samples=None, out_dir=None, reference=None, metrics=DEFAULT_METRICS,
                     inception_weights=None, npz: bool = True, device=None, batch_size: int = 50,
                     num_workers: int = 0, cache_dir=None, reference_size: int | None = None,
                     kid_subset_size: int = 1000, kid_subsets: int = 100, isc_splits: int = 10,
                     prc_neighborhood: int = 3, seed: int = 2020, progress: bool = True,
-                    **unused) -> dict:
+                    fd_networks=(), **unused) -> dict:
     """Write the ADM `.npz` of the samples and score them against `reference`.
 
     samples: images ((N, 3, H, W) in [-1, 1] or (N, H, W, 3) uint8), or None to read the PNGs
         in `out_dir/images/` (what the image tasks' write_samples writes, possibly from several
         processes). Real reference images are centre-cropped to `reference_size` (default: the
-        sample size). Returns the scores plus `npz` (the file written) and counts."""
+        sample size). `fd_networks`: ["NAME=TORCHSCRIPT[@SIZE]", ...] adds `fd_NAME`, the Fréchet
+        distance on that encoder's features (dcgen/feature_nets.py). Returns the scores plus `npz`
+        (the file written), counts and `networks` (the network behind every number)."""
     metrics = normalise_metrics(metrics)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -747,29 +769,65 @@ def evaluate_images(samples=None, out_dir=None, reference=None, metrics=METRICS,
             raise
         source = npz_path  # one sequential file reads faster than N PNGs
         result["npz"] = str(npz_path)
-    if not metrics:
+    if not metrics and not fd_networks:
         result["num_generated"] = int(N)
         return result
 
-    # 2. features and scores
+    # 2. features and scores: Inception's (FID, IS, KID, PR, sFID), then each other encoder's
+    result["num_generated"] = int(N)
+    info, networks = {}, {}
+    if metrics:
+        info, networks = _inception_scores(result, source, N, H, reference, metrics, inception_weights, device,
+                                           batch_size, num_workers, cache_dir, reference_size, progress,
+                                           kid_subset_size, kid_subsets, isc_splits, prc_neighborhood, seed)
+    for spec in fd_networks or ():
+        from .feature_nets import TorchScriptFeatureNet, parse_network
+        name, path, size = parse_network(spec)
+        net = TorchScriptFeatureNet(path, name, size, device=device)
+        g = extract_features(iter_image_batches(source, batch_size, None, num_workers), net, device,
+                             total=N, desc=name, progress=progress)[name]
+        key = f"fd_{name}"
+        if reference is None:
+            result[key] = None
+            continue
+        r = reference_features(reference, net, size=reference_size or H, device=device, batch_size=batch_size,
+                               num_workers=num_workers, cache_dir=cache_dir, progress=progress,
+                               network=net.sha256)[name]
+        result[key] = fd_from_features(g, r)
+        networks[key] = f"{net.network} ({path}, {size}px)"
+    result.update({"reference": str(reference) if reference is not None else None, **info, "networks": networks})
+    if metrics:
+        result["inception_weights"] = str(inception_weights) if inception_weights else "torch-fidelity default"
+    return result
+
+
+def _inception_scores(result, source, N, H, reference, metrics, inception_weights, device, batch_size,
+                      num_workers, cache_dir, reference_size, progress, kid_subset_size, kid_subsets,
+                      isc_splits, prc_neighborhood, seed) -> tuple[dict, dict]:
+    """FID, IS, KID, PR and sFID into `result`; returns (the extractor's info, {metric: network})."""
     inception_weights = resolve_inception_weights(inception_weights)
     extractor = load_inception(inception_weights, device)
+    network = None
+    if "sfid" in metrics and getattr(extractor, "sha256", None) is None:  # torch-fidelity's own network
+        from .feature_nets import SpatialInception
+        extractor, network = SpatialInception(extractor), "with-spatial-mixed_6-conv"
     gen = extract_features(iter_image_batches(source, batch_size, None, num_workers), extractor, device,
                            total=N, desc="samples", progress=progress)
     ref = None
     if reference is not None and any(m != "is" for m in metrics):
         ref = reference_features(reference, extractor, size=reference_size or H, weights=inception_weights,
                                  device=device, batch_size=batch_size, num_workers=num_workers,
-                                 cache_dir=cache_dir, progress=progress)
+                                 cache_dir=cache_dir, progress=progress, network=network)
     result.update(score(gen, ref, metrics, kid_subset_size, kid_subsets, isc_splits,
                         prc_neighborhood, seed))
-    result.update({"reference": str(reference) if reference is not None else None,
-                   **extractor_info(extractor),
-                   "inception_weights": str(inception_weights) if inception_weights else "torch-fidelity default"})
-    return result
+    info = extractor_info(getattr(extractor, "extractor", extractor))
+    networks = {m: info["feature_extractor"] for m in ("fid", "is", "kid", "sfid") if result.get(m) is not None}
+    if result.get("precision") is not None:
+        networks["prc"] = info["feature_extractor"]
+    return info, networks
 
 
-__all__ = ["METRICS", "NpzWriter", "adm_center_crop", "check_adm_npz", "evaluate_images",
+__all__ = ["DEFAULT_METRICS", "METRICS", "NpzWriter", "fd_from_features", "adm_center_crop", "check_adm_npz", "evaluate_images",
            "extract_features", "extractor_info", "frechet_distance", "frechet_distance_low_rank",
            "inception_input", "is_torchscript_file", "iter_image_batches", "iter_npz_images",
            "load_inception", "reference_features", "resolve_inception_weights",
