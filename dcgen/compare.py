@@ -16,8 +16,9 @@ the rows whose settings match. `jobs=N` runs N (experiment, seed) pairs side by 
 `dcgen compare ... worker=E:S` process with `threads` threads. `sample.cfg_scale` is used at
 every point; `extra_cfg_scales` are scored at the last point (ρ = 0). Writes OUT/compare.json,
 OUT/compare.md (mean over seeds and the spread), OUT/quality_vs_steps.png,
-OUT/quality_vs_gflops.png, OUT/samples_side_by_side.png, and for DC-DiT runs boundary maps and
-kept-fraction-vs-t under OUT/E/seedS/maps. `train_overrides=[k=v,...]` go to every training run.
+OUT/quality_vs_training_cost.png, OUT/quality_vs_inference_tflops.png (the Pareto chart),
+OUT/samples_side_by_side.png, OUT/kept_fraction_vs_t.png (every DC-DiT beside the paper's curve),
+and for DC-DiT runs boundary maps and kept-fraction-vs-t under OUT/E/seedS/maps. `train_overrides=[k=v,...]` go to every training run.
 `baselines=[token,params,flops]` adds, for every DC-DiT experiment E, the DiT baselines that
 dcgen/matching.py builds by those rules, trained as experiments `E@token`, `E@params`, `E@flops`;
 before training, the command prints every experiment's parameters, forward GFLOPs (both
@@ -472,6 +473,46 @@ def plots(results: dict, out: Path):
     plt.close(fig)
 
 
+PAPER_KEPT_VS_T = ([1.0, 0.75, 0.5, 0.25, 0.0], [0.223, 0.244, 0.302, 0.371, 0.451])  # [P2] Fig. 3, noisy -> clean
+
+
+def kept_vs_t(results: dict, runs: Path, out: Path) -> Path | None:
+    """Kept fraction against the noise level t/999 for every experiment with boundary maps
+    (OUT/E/seedS/maps/stats.json, the last point's `dcgen sample`), mean over seeds, beside the
+    paper's five points ([P2] Fig. 3, evenly spaced from noisy to clean as read off the figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = {}
+    for name, r in results.items():
+        rows = []
+        for seed in r["seeds"]:
+            f = runs / name / f"seed{seed}" / "maps" / "stats.json"
+            if f.is_file():
+                st = json.loads(f.read_text())
+                rows.append((np.asarray(st["timesteps"], float) / 999.0, np.asarray(st["kept_fraction_mean"], float)))
+        if rows:
+            tau = rows[0][0]
+            curves[name] = (tau, np.mean([k for _, k in rows if len(k) == len(tau)], 0), len(rows))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, (tau, kept, n) in curves.items():
+        ax.plot(tau, kept, "o-", ms=3, label=f"{name} ({n} seed{'s' if n > 1 else ''})")
+    ax.plot(*PAPER_KEPT_VS_T, "k--", label="paper (DC-DiT-XL, ImageNet 256)")
+    ax.set(xlabel="noise level t/999 (1 = pure noise)", ylabel="kept fraction",
+           title="kept fraction against the noise level")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "kept_fraction_vs_t.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    (out / "kept_fraction_vs_t.json").write_text(json.dumps(
+        {n: {"t": t.tolist(), "kept_fraction": k.tolist(), "seeds": s} for n, (t, k, s) in curves.items()}, indent=1))
+    return path
+
+
 def side_by_side(results: dict, runs: Path, out: Path) -> Path | None:
     """The first seed's last-point samples (main settings) of every experiment, in a row: read
     from the runs under `runs`, written to `out`."""
@@ -660,5 +701,6 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     (report / "compare.md").write_text(f"`{summary['command']}`\n\n{sizes_table(sizes)}\n\n{md}\n")
     plots(results, report)
     side_by_side(results, out, report)
+    kept_vs_t(results, out, report)
     print(md)
     return report

@@ -85,8 +85,10 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert "| digits_dcdit | 4 | 0.5 | 2 | – | 2 |" in md and "| digits_dcdit@token | 4 | 0 | 1 | – | 2 |" in md
     assert "| digits_dcdit | 4 | 0.5 | 2 | 1e+06 | 2 |" in md and "| digits_dcdit@token | token |" in md
     assert " ± " in md  # mean and spread over the two seeds
+    kept = json.loads((out / "kept_fraction_vs_t.json").read_text())
+    assert list(kept) == ["digits_dcdit"] and kept["digits_dcdit"]["seeds"] == 2  # DC-DiT only, both seeds
     plots = ("quality_vs_steps.png", "quality_vs_training_cost.png", "quality_vs_inference_tflops.png",
-             "samples_side_by_side.png")
+             "samples_side_by_side.png", "kept_fraction_vs_t.png")
     for name in plots:
         assert (out / name).stat().st_size > 1000
     # the same runs reported at an equal earlier step, elsewhere; the full report stays as it was
