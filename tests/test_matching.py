@@ -45,6 +45,12 @@ def test_each_rule_matches_within_five_percent_and_its_overrides_build_that_dit(
         assert b.params < b.reference_params and b.gflops < b.reference_gflops
 
 
+def test_no_candidate_within_the_tolerance_is_an_error_naming_the_closest():
+    cfg = compose("train", ["experiment=digits_dcdit", *TINY])
+    with pytest.raises(ValueError, match=r"no DiT within 0% .* closest: (depth|width) \d+"):
+        baseline(cfg, "params", tol=1e-9)
+
+
 def test_token_matching_needs_an_integer_patch_factor():
     assert token_matched_patch((2, 2), (32, 32), 4) == [4, 4]
     assert token_matched_patch((1, 2, 2), (8, 32, 32), 8) == [2, 4, 4]
