@@ -47,7 +47,7 @@ def test_each_rule_matches_within_five_percent_and_its_overrides_build_that_dit(
 
 def test_no_candidate_within_the_tolerance_is_an_error_naming_the_closest():
     cfg = compose("train", ["experiment=digits_dcdit", *TINY])
-    with pytest.raises(ValueError, match=r"no DiT within 0% .* closest: (depth|width) \d+"):
+    with pytest.raises(ValueError, match=r"no DiT within 0% .*closest: (depth|width) \d+"):
         baseline(cfg, "params", tol=1e-9)
 
 
