@@ -24,7 +24,10 @@ def item_key(key) -> tuple[int, int]:
 
 
 class Task:
-    """Base class. Subclasses set `grid`, `channels`, `num_classes` in `__init__`."""
+    """Base class. Subclasses give `grid`, `channels`, `num_classes`: set in `__init__` from the
+    arguments, or as properties read on first use. A constructor checks its arguments and does no
+    I/O (no file read, no folder listed, no cache opened): a task is built to sample from an
+    export or to print a config as well as to train."""
 
     name: str = "task"
     grid: tuple[int, ...] = ()
@@ -80,8 +83,10 @@ class Task:
         "read what `write_samples` wrote into `out_dir`"."""
         return {}
 
-    def prepare(self, **kwargs: Any) -> None:
-        """Offline encoding into the cache (no-op for tasks that need none)."""
+    def prepare(self, seed: int = 0) -> dict | None:
+        """Offline encoding into the task's cache (`dcgen prepare`, every process of the launch;
+        dcgen.shards is the sharded cache): returns a summary, or None for tasks that need no
+        preparation. `seed` is the command's seed (for draws baked into the cache)."""
         return None
 
     def describe(self) -> dict:

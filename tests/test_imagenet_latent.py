@@ -74,7 +74,7 @@ def prepared(ws):
 
 def _shard(cache, s):
     d = cache / f"shard_{s:05d}"
-    return {f: np.load(d / f"{f}.npy") for f in ("mean", "logvar", "latent", "flip", "label", "index")}
+    return {f: np.load(d / f"{f}.npy") for f in ("mean", "logvar", "latent", "flip", "label", "item")}
 
 
 def test_prepare_two_processes_writes_disjoint_shards_and_resumes(prepared):
@@ -83,21 +83,22 @@ def test_prepare_two_processes_writes_disjoint_shards_and_resumes(prepared):
     assert len(items) == 13  # sorted listing, the corrupt file included
     bad = next(i for i, (_, f) in enumerate(items) if f.endswith("broken.JPEG"))
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["num_shards"] == 5 and manifest["latent_size"] == RES // 8 and manifest["seed"] == 3
+    settings = manifest["settings"]
+    assert manifest["shard_size"] == 3 and settings["latent_size"] == RES // 8 and settings["seed"] == 3
     seen = []
     for s in range(5):
         meta = json.loads((cache / f"shard_{s:05d}" / "meta.json").read_text())
-        assert meta["rank"] == s % 2  # shard s belongs to rank s mod world
+        assert meta["written"]["rank"] == s % 2  # shard s belongs to rank s mod world
         arr = _shard(cache, s)
-        assert arr["mean"].shape == (meta["count"], 2, 4, 8, 8) and arr["latent"].shape == (meta["count"], 4, 8, 8)
-        assert all(s * 3 <= i < (s + 1) * 3 for i in arr["index"])
-        assert [int(items[i][0]) for i in arr["index"]] == arr["label"].tolist()
-        seen += arr["index"].tolist()
+        assert arr["mean"].shape == (meta["rows"], 2, 4, 8, 8) and arr["latent"].shape == (meta["rows"], 4, 8, 8)
+        assert all(s * 3 <= i < (s + 1) * 3 for i in arr["item"])
+        assert [int(items[i][0]) for i in arr["item"]] == arr["label"].tolist()
+        seen += arr["item"].tolist()
     # every valid image exactly once, the corrupt one nowhere
     assert sorted(seen) == [i for i in range(13) if i != bad] and len(set(seen)) == 12
-    summary = json.loads((cache / "summary.json").read_text())
-    assert summary["num_encoded"] == 12 and summary["num_skipped"] == 1
-    assert summary["skipped"][0]["file"].endswith("broken.JPEG")
+    summary = json.loads((cache / "index.json").read_text())
+    assert summary["num_shards"] == 5 and summary["num_rows"] == 12 and summary["num_skipped"] == 1
+    assert summary["skipped"][0]["name"].endswith("broken.JPEG")
     assert "broken.JPEG" in prepared["stderr"] and "1 corrupt image(s) skipped" in prepared["stderr"]
     # the baked latent is one posterior sample of the recorded flip
     arr = _shard(cache, 0)
@@ -118,7 +119,7 @@ def test_prepare_two_processes_writes_disjoint_shards_and_resumes(prepared):
             assert np.allclose(before[k], after[k], atol=1e-5, rtol=1e-5), k
         else:
             assert np.array_equal(before[k], after[k]), k
-    assert json.loads((cache / "shard_00001" / "meta.json").read_text())["rank"] == 0
+    assert json.loads((cache / "shard_00001" / "meta.json").read_text())["written"]["rank"] == 0
     assert (cache / "shard_00000" / "meta.json").stat().st_mtime_ns == mtime0
     assert not list(cache.glob(".shard_*"))
     # resuming with other settings is refused, naming the setting
@@ -150,7 +151,7 @@ def test_dataset_fixed_and_resample_draws(prepared):
     # exactly the posterior sample of the flip drawn from (seed, item, epoch)
     mean = np.concatenate([r["mean"] for r in rows])[4]
     logvar = np.concatenate([r["logvar"] for r in rows])[4]
-    item = int(np.concatenate([r["index"] for r in rows])[4])
+    item = int(np.concatenate([r["item"] for r in rows])[4])
     flips = set()
     for e in range(12):
         g = item_generator(11, "train", item, e)
@@ -173,9 +174,9 @@ def test_prepare_from_a_file_list(ws, tmp_path):
     summary = run("prepare", [*ws["task"], f"task.cache_dir={cache}", f"task.source.image_dir={root / 'train'}",
                               f"task.source.file_list={lst}", "task.encode.num_workers=0",
                               "task.encode.progress=false"])
-    assert summary["num_encoded"] == 2 and summary["num_skipped"] == 1
-    manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["classes"] == ["n00", "n01", "n02"] and manifest["num_shards"] == 1
+    assert summary["num_rows"] == 2 and summary["num_skipped"] == 1
+    index = json.loads((cache / "index.json").read_text())
+    assert index["classes"] == ["n00", "n01", "n02"] and index["num_shards"] == 1
     assert _shard(cache, 0)["label"].tolist() == [2, 0]  # the list's order, names -> sorted ids
 
 

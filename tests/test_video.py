@@ -122,15 +122,19 @@ def test_prepare_reports_corrupt_file_and_caches_latent_clips(video_data, tmp_pa
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("x.mp4" in m and "cannot read video" in m for m in warnings), warnings
     assert any("skipped 1 unreadable video(s) of 7" in m and "square/x.mp4" in m for m in warnings)
-    assert summary["skipped"] == ["square/x.mp4"]
+    assert summary["unreadable"] == ["square/x.mp4"]
+    assert [k["name"] for k in summary["skipped"]] == ["square/x.mp4"]
     # 12 frames, 4 per clip back to back -> 3 clips per readable video
-    assert summary["num_videos"] == 6 and summary["num_clips"] == 18
+    assert summary["num_videos"] == 6 and summary["num_rows"] == 18
 
     cache = task.cache_path
-    shards = sorted(cache.glob("shard-r000-*.safetensors"))
-    assert len(shards) == 6  # shard_clips=3: one whole video per shard
+    shards = sorted(cache.glob("shard_*"))
+    assert len(shards) == 7  # shard_clips=3: one whole video per shard (3 clips each)
     index = json.loads((cache / "index.json").read_text())
-    assert index["meta"]["classes"] == ["disc", "square"]
+    assert index["classes"] == ["disc", "square"]
+    assert [s["rows"] for s in index["shards"]] == [3, 3, 3, 3, 3, 3, 0]  # x.mp4 gives none
+    starts = np.load(shards[0] / "start.npy")
+    assert starts.tolist() == [0, 4, 8] and np.load(shards[0] / "item.npy").tolist() == [0, 0, 0]
     ds = task.train_dataset()
     assert len(ds) == 18
     x, y = ds[0]
@@ -142,12 +146,16 @@ def test_prepare_reports_corrupt_file_and_caches_latent_clips(video_data, tmp_pa
     assert not torch.equal(ds[(0, 0)][0], ds[(0, 1)][0]) and torch.equal(ds[(0, 1)][0], ds[(0, 1)][0])
 
     # resume: a lost shard is re-encoded, nothing else is
-    shards[2].unlink()
+    stamps = {p.name: (p / "meta.json").stat().st_mtime_ns for p in shards}
+    import shutil
+    shutil.rmtree(shards[2])
     (cache / "index.json").unlink()
     caplog.clear()
     summary = run("prepare", args)
-    assert summary["to_encode"] == 2  # the lost video and the corrupt file
-    assert summary["num_clips"] == 18
+    assert any("1 of 7 shard(s) to encode (1 item(s))" in r.getMessage() for r in caplog.records)
+    assert [p.name for p in shards if (p / "meta.json").stat().st_mtime_ns == stamps[p.name]] == \
+        [p.name for p in shards if p != shards[2]]
+    assert summary["num_rows"] == 18
     assert any("skipped 1 unreadable" in r.getMessage() for r in caplog.records)
 
 
@@ -177,18 +185,19 @@ def test_prepare_two_processes_shard_by_rank(video_data, prepared, tmp_path):
     two = instantiate(compose("prepare", task_args(root, vae, f"task.cache_dir={cache_dir}")).task,
                       _convert_="all")
     one = instantiate(compose("prepare", task_args(root, vae)).task, _convert_="all")
-    ranks = {f.name.split("-")[1] for f in two.cache_path.glob("shard-*.safetensors")}
-    assert ranks == {"r000", "r001"}
     i2 = json.loads((two.cache_path / "index.json").read_text())
     i1 = json.loads((one.cache_path / "index.json").read_text())
-    assert i2["num_clips"] == i1["num_clips"] == 18 and i2["skipped"] == ["square/x.mp4"]
-    key = lambda ix: sorted((ix["videos"][v], s) for v, s in ix["clips"])  # noqa: E731
-    assert key(i2) == key(i1)
+    assert i2["num_rows"] == i1["num_rows"] == 18 and i2["unreadable"] == ["square/x.mp4"]
+    assert i2["num_shards"] == i1["num_shards"] and i2["shards"] == i1["shards"]
+    for s in range(i2["num_shards"]):
+        a, b = one.cache_path / f"shard_{s:05d}", two.cache_path / f"shard_{s:05d}"
+        assert json.loads((b / "meta.json").read_text())["written"]["rank"] == s % 2  # shard s: rank s mod 2
+        for f in ("item", "label", "start"):
+            assert np.array_equal(np.load(a / f"{f}.npy"), np.load(b / f"{f}.npy")), (s, f)
+        m1, m2 = np.load(a / "mean.npy").astype(np.float32), np.load(b / "mean.npy").astype(np.float32)
+        assert np.allclose(m1, m2, atol=1e-2), (s, np.abs(m1 - m2).max())
     d1, d2 = one.train_dataset(), two.train_dataset()
-    pos2 = {(i2["videos"][v], s): r for r, (v, s) in enumerate(i2["clips"])}
-    for r, (v, s) in enumerate(i1["clips"]):
-        m1, m2 = d1.moments(r)[0], d2.moments(pos2[(i1["videos"][v], s)])[0]
-        assert torch.allclose(m1, m2, atol=1e-2), (r, (m1 - m2).abs().max())
+    assert len(d1) == len(d2) == 18
 
 
 def test_train_dcdit_on_latent_grid_and_sample_mp4(prepared, tmp_path):
@@ -388,7 +397,7 @@ def test_clip_index_is_numpy_and_draws_depend_on_item_and_epoch(prepared):
     root, vae, _ = prepared
     ds = VideoTask(root=root, vae=str(vae), frames=FRAMES, resolution=SIZE).train_dataset()
     assert isinstance(ds, LatentClipDataset) and ds.wants_epoch
-    assert isinstance(ds.shard_of, np.ndarray) and isinstance(ds.row_of, np.ndarray)
+    assert isinstance(ds.cache.offsets, np.ndarray) and ds.cache.open_files() == 0  # nothing opened yet
     a, b = ds[(1, 0)][0], ds[(1, 0)][0]
     assert torch.equal(a, b)  # a function of (seed, item, epoch): no global RNG
     torch.manual_seed(123)

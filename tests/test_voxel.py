@@ -18,7 +18,7 @@ from dcgen.tasks.voxel.data import (load_mesh, normalise_mesh, occupancy_to_mesh
                                     voxelize)
 from dcgen.tasks.voxel.metrics import (compression_by_region, model_region_compression,
                                        shape_metrics)
-from dcgen.tasks.voxel.prepare import shard_name
+from dcgen.shards import shard_name
 
 PY = sys.executable
 CLASSES = ("box", "cylinder", "sphere")  # sorted: labels 0, 1, 2
@@ -140,19 +140,21 @@ def test_prepare_caches_reports_corrupt_and_resumes(tmp_path, caplog):
         index = run("prepare", ["task=voxel", f"task.root={root}", f"task.cache_dir={cache}",
                                 "task.resolution=16", "task.shard_size=4", "task.progress=false"])
     # reported by name, skipped with a count
-    assert index["num_skipped"] == 2 and index["num_meshes"] == len(good) == 9
-    assert sorted(s["path"] for s in index["skipped"]) == sorted(CORRUPT)
+    assert index["num_skipped"] == 2 and index["num_rows"] == len(good) == 9
+    assert sorted(s["name"] for s in index["skipped"]) == sorted(CORRUPT)
     for rel in CORRUPT:
         assert rel.split("/")[-1] in caplog.text
     assert "skipped 2 of 11" in caplog.text
     assert index["classes"] == list(CLASSES) and index["methods"] == {"exact": 9}
-    assert len(index["shards"]) == 3 and all((cache / s["file"]).is_file() for s in index["shards"])
-    with np.load(cache / shard_name(0)) as z:
-        assert z["occupancy"].dtype == np.uint8 and z["occupancy"].shape[1] == 16 ** 3 // 8
-        assert z["paths"][0] == "box/box_0.off"  # source paths travel with the grids
+    assert len(index["shards"]) == 3 and all((cache / shard_name(k) / "meta.json").is_file()
+                                             for k in range(3))
+    occupancy = np.load(cache / shard_name(0) / "occupancy.npy", mmap_mode="r")
+    assert occupancy.dtype == np.uint8 and occupancy.shape[1] == 16 ** 3 // 8
+    assert np.load(cache / shard_name(0) / "method.npy").tolist() == [0] * occupancy.shape[0]  # exact
 
     task = VoxelTask(root=str(root), cache_dir=str(cache), resolution=16, progress=False)
     ds = task.train_dataset()
+    assert task.paths[0] == "box/box_0.off"  # source paths travel with the grids
     assert len(ds) == 9 and task.num_classes == 3 and task.grid == (16, 16, 16)
     x, y = ds[0]
     assert x.shape == (1, 16, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -162,16 +164,16 @@ def test_prepare_caches_reports_corrupt_and_resumes(tmp_path, caplog):
     assert task.paths[3].startswith("cylinder/")
 
     # resume: complete shards are kept; a new file re-encodes only the shard whose list changed
-    mtimes = {k: os.stat(cache / shard_name(k)).st_mtime_ns for k in range(3)}
+    mtimes = {k: os.stat(cache / shard_name(k) / "meta.json").st_mtime_ns for k in range(3)}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dcgen.prepare"):
         task.prepare()
     assert "0 of 3 shard(s) to encode" in caplog.text
-    assert all(os.stat(cache / shard_name(k)).st_mtime_ns == mtimes[k] for k in range(3))
+    assert all(os.stat(cache / shard_name(k) / "meta.json").st_mtime_ns == mtimes[k] for k in range(3))
     primitive("sphere", np.random.default_rng(5)).export(str(root / "sphere" / "zz_new.obj"))
     index = task.prepare()
-    assert index["num_meshes"] == 10
-    assert [os.stat(cache / shard_name(k)).st_mtime_ns == mtimes[k] for k in range(3)] == \
+    assert index["num_rows"] == 10
+    assert [os.stat(cache / shard_name(k) / "meta.json").st_mtime_ns == mtimes[k] for k in range(3)] == \
         [True, True, False]
     # a cache made with other settings is refused, not overwritten
     with pytest.raises(ValueError, match="resolution"):
@@ -184,33 +186,21 @@ def test_prepare_caches_reports_corrupt_and_resumes(tmp_path, caplog):
     assert moved.num_classes == 3 and len(moved.train_dataset()) == 10
 
 
-def test_prepare_splits_shards_across_processes(tmp_path, mesh_root, monkeypatch):
-    """Ranks 1 then 0 of a pretend 2-process run: each encodes only its shards, the main one
-    writes the index over all of them; the result equals a 1-process run."""
-    import accelerate
+def test_prepare_splits_shards_across_processes(tmp_path, mesh_root):
+    """A 2-process run (2 threads sharing a gather, test_shards.ThreadWorld): each rank encodes
+    only its shards, both get the index over all of them; the result equals a 1-process run."""
+    from test_shards import ThreadWorld
 
     from dcgen.tasks.voxel.prepare import prepare_cache
-    written = {}
-
-    class FakeState:
-        num_processes, process_index = 2, None
-        is_main_process = property(lambda self: self.process_index == 0)
-
-        def wait_for_everyone(self):
-            pass
-
-    for rank in (1, 0):
-        FakeState.process_index = rank
-        monkeypatch.setattr(accelerate, "PartialState", FakeState)
-        before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("shard-*")}
-        index = prepare_cache(mesh_root, tmp_path / "two", 16, shard_size=3, progress=False)
-        written[rank] = sorted(p.name for p in (tmp_path / "two").glob("shard-*")
-                               if before.get(p.name) != p.stat().st_mtime_ns)
-        assert (index is None) == (rank == 1)  # only the main process writes the index
-    assert written == {1: ["shard-00001.npz", "shard-00003.npz"],
-                       0: ["shard-00000.npz", "shard-00002.npz", "shard-00004.npz"]}
-    assert index["num_meshes"] == 12 and index["num_skipped"] == 2
-    monkeypatch.undo()
+    results, errors = ThreadWorld(2).run(
+        lambda procs: prepare_cache(mesh_root, tmp_path / "two", 16, shard_size=3, progress=False,
+                                    processes=procs))
+    assert errors == [None, None]
+    written = {k: json.loads((tmp_path / "two" / shard_name(k) / "meta.json").read_text())["written"]["rank"]
+               for k in range(5)}
+    assert written == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}
+    index = results[0]
+    assert results[1] == index and index["num_rows"] == 12 and index["num_skipped"] == 2
     one = VoxelTask(root=str(mesh_root), cache_dir=str(tmp_path / "one"), resolution=16,
                     shard_size=3, progress=False).train_dataset()
     two = VoxelTask(cache_dir=str(tmp_path / "two"), resolution=16).train_dataset()  # no root
@@ -237,7 +227,7 @@ def test_prepare_two_processes_write_their_own_shards(tmp_path, mesh_root):
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     index = json.loads((two / "index.json").read_text())
-    assert index["num_meshes"] == 12 and index["num_skipped"] == 2 and len(index["shards"]) == 5
+    assert index["num_rows"] == 12 and index["num_skipped"] == 2 and len(index["shards"]) == 5
     one = VoxelTask(root=str(mesh_root), cache_dir=str(tmp_path / "one"), resolution=16,
                     shard_size=3, progress=False)
     one_ds = one.train_dataset()
@@ -364,12 +354,15 @@ def test_config_and_errors(tmp_path, mesh_root):
     cfg = compose("train", ["task=voxel", f"task.root={mesh_root}", "model=dcdit_voxel"])
     assert cfg.task.resolution == 32 and cfg.task.num_classes is None
     assert cfg.model.patch_size == 2
+    missing = VoxelTask(root=str(tmp_path / "no_such"))  # the constructor reads nothing
     with pytest.raises(FileNotFoundError, match="no_such"):
-        VoxelTask(root=str(tmp_path / "no_such"))
+        missing.num_classes
+    with pytest.raises(FileNotFoundError, match="no_such"):
+        missing.train_dataset()
     with pytest.raises(ValueError, match="root"):
         VoxelTask()
     with pytest.raises(ValueError, match="num_classes"):
-        VoxelTask(root=str(mesh_root), num_classes=2)
+        VoxelTask(root=str(mesh_root), num_classes=2).num_classes
     with pytest.raises(ValueError, match="broken.ply"):
         load_mesh(mesh_root / "sphere" / "broken.ply")
     assert occupancy_to_mesh(np.zeros((8, 8, 8), bool)) is None

@@ -7,28 +7,25 @@ Sources `dcgen prepare` reads:
   id or a class name; relative paths are relative to the image folder if one is given, else to the
   list's own directory. Without a label the parent folder's name is the class name.
 
-The cache written by `dcgen prepare` (prepare.py), every array a memory-mappable `.npy`:
+The cache written by `dcgen prepare` (prepare.py) has the shared layout of `dcgen.shards`
+(manifest.json, items.tsv "label<TAB>path", shard_{s:05d}/ folders, index.json written last);
+every array a memory-mappable `.npy`. Per shard, one row per image that decoded:
 
-    cache_dir/manifest.json      settings (resolution, VAE, latent shape, seed, shard size), classes
-    cache_dir/items.tsv          item i on line i: "label<TAB>path"; shard s holds items [s S, (s+1) S)
-    cache_dir/shard_{s:05d}/     the items of shard s that decoded (shard_00000, shard_00001, ...):
-        mean.npy, logvar.npy     (n, 2, C, h, w) posterior moments of the image [0] and its
-                                 horizontal flip [1], unscaled
-        latent.npy               (n, C, h, w) one posterior sample of one flip, fixed at
-                                 extraction ([R]'s cache), unscaled
-        flip.npy (n,) uint8      which flip `latent` came from
-        label.npy, index.npy     (n,) int64 class id and item index (line of items.tsv)
-        meta.json                count, skipped files with the reason, rank, seconds
-    cache_dir/summary.json       totals and every skipped file (written when all shards are done)
+    mean.npy, logvar.npy     (n, 2, C, h, w) posterior moments of the image [0] and its
+                             horizontal flip [1], unscaled
+    latent.npy               (n, C, h, w) one posterior sample of one flip, fixed at
+                             extraction ([R]'s cache), unscaled
+    flip.npy (n,) uint8      which flip `latent` came from
+    item.npy, label.npy      (n,) int64 item index (line of items.tsv) and class id
+    meta.json                rows, skipped files with the reason, who wrote it
 
-Shape legend: n items in a shard, C latent channels, h, w latent grid.
+The index holds the class names ("classes") and every skipped file.
+Shape legend: n images in a shard, C latent channels, h, w latent grid.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +35,13 @@ from torch.utils.data import Dataset
 
 from dcgen.metrics import adm_center_crop  # shared with the reference images of the metrics
 from dcgen.rng import item_generator  # noqa: F401  (per-item randomness, shared with prepare)
+from dcgen.shards import ShardReader
 
 log = logging.getLogger("dcgen.imagenet_latent")
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-MANIFEST = "manifest.json"
-ITEMS = "items.tsv"
-SUMMARY = "summary.json"
-CACHE_VERSION = 1
+TASK = "imagenet_latent"
+CACHE_VERSION = 2  # 1: the layout before dcgen.shards (an `index` field, summary.json)
 LATENT_SAMPLING = ("fixed", "resample")
 
 
@@ -136,102 +132,33 @@ def to_model_input(batch_uint8: np.ndarray) -> torch.Tensor:
 # The cache
 # --------------------------------------------------------------------------------------------
 
-def shard_name(s: int) -> str:
-    return f"shard_{s:05d}"
+def rerun_command(cache_dir) -> str:
+    return (f"dcgen prepare task=imagenet_latent task.cache_dir={cache_dir} "
+            "task.source.image_dir=...")
 
 
-def read_manifest(cache_dir: str | Path) -> dict:
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no latent cache at {cache_dir} ({MANIFEST} missing); run `dcgen prepare "
-            f"task=imagenet_latent task.cache_dir={cache_dir} task.source.image_dir=...` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+class LatentCache(ShardReader):
+    """Read access to a finished latent cache (`dcgen.shards.ShardReader`): rows in shard order,
+    i.e. the item order with the skipped files left out, so the dataset is the same whatever
+    number of processes wrote it.
 
-
-def read_items(cache_dir: str | Path) -> list[tuple[str, int]]:
-    path = Path(cache_dir) / ITEMS
-    out = []
-    for line in path.read_text().splitlines():
-        label, file = line.split("\t", 1)
-        out.append((file, int(label)))
-    return out
-
-
-class LatentCache:
-    """Read access to a finished cache: item positions, labels and the memory-mapped arrays.
-
-    Rows are in shard order, i.e. the manifest order with the skipped files left out, so the
-    dataset is the same whatever number of processes wrote it. Arrays are opened lazily in each
+    Construction reads the manifest and the index only. Arrays are opened lazily in each
     process (DataLoader workers map the files themselves instead of receiving pickled copies),
-    and only what is read: the `fields` of the shards items come from, at most `max_open_shards`
-    shards at a time (least recently used closed first; a memory map holds one file descriptor).
-    So a worker holds at most `max_open_shards x len(fields)` files open whatever the cache size
-    (1.28M ImageNet items are 257 shards x 6 fields = 1542 files; `ulimit -n` is often 1024)."""
+    and only what is read: the `fields` of the shards rows come from, at most `max_open_shards`
+    shards at a time (least recently used dropped first; a memory map holds one file
+    descriptor). So a worker holds at most `max_open_shards x len(fields)` files open whatever
+    the cache size (1.28M ImageNet items are 257 shards x 6 fields = 1542 files; `ulimit -n` is
+    often 1024)."""
 
-    FIELDS = ("mean", "logvar", "latent", "flip", "label", "index")
+    FIELDS = ("mean", "logvar", "latent", "flip", "label", "item")
 
     def __init__(self, cache_dir: str | Path, fields=FIELDS, max_open_shards: int = 8):
-        self.dir = Path(cache_dir)
-        self.manifest = read_manifest(self.dir)
-        if self.manifest.get("version") != CACHE_VERSION:
-            raise ValueError(f"{self.dir / MANIFEST}: cache version {self.manifest.get('version')} "
-                             f"is not {CACHE_VERSION}; re-run dcgen prepare into a new cache_dir")
-        unknown = set(fields) - set(self.FIELDS)
-        if unknown:
-            raise ValueError(f"LatentCache: unknown fields {sorted(unknown)} (valid: {list(self.FIELDS)})")
-        self.fields, self.max_open = tuple(fields), max(1, int(max_open_shards))
-        num = int(self.manifest["num_shards"])
-        missing = [s for s in range(num) if not (self.dir / shard_name(s) / "meta.json").is_file()]
-        if missing:
-            shown = ", ".join(shard_name(s) for s in missing[:5])
-            raise ValueError(f"latent cache {self.dir} is incomplete: {len(missing)} of {num} shards "
-                             f"missing ({shown}{', ...' if len(missing) > 5 else ''}); run dcgen "
-                             "prepare again with the same settings to finish it")
-        self.counts = np.array([json.loads((self.dir / shard_name(s) / "meta.json").read_text())["count"]
-                                for s in range(num)], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        self._open_shards: OrderedDict[int, dict] = OrderedDict()
-        # labels are small (8 bytes an item); kept in memory for class statistics and checks, read
-        # one shard at a time (each file closed after reading)
-        self.labels = np.concatenate([np.load(self.dir / shard_name(s) / "label.npy")
-                                      for s in range(num)]) if num else np.zeros(0, np.int64)
+        super().__init__(cache_dir, TASK, CACHE_VERSION, rerun_command(cache_dir), fields=fields,
+                         max_open_shards=max_open_shards, what="latent cache")
 
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_open_shards"] = OrderedDict()  # never pickle memory maps
-        return state
-
-    def open_files(self) -> int:
-        """Memory maps this process holds open now."""
-        return sum(len(a) for a in self._open_shards.values())
-
-    def shard(self, s: int) -> dict:
-        """{field: memory map} of shard `s`, opened on first use; the least recently used shard
-        is closed when more than `max_open_shards` are open."""
-        arrays = self._open_shards.get(s)
-        if arrays is not None:
-            self._open_shards.move_to_end(s)
-            return arrays
-        while len(self._open_shards) >= self.max_open:
-            # dropped, not closed: the maps close when the last reference goes (closing one a
-            # caller still holds would crash that caller)
-            self._open_shards.popitem(last=False)
-        arrays = {f: np.load(self.dir / shard_name(s) / f"{f}.npy", mmap_mode="r") for f in self.fields}
-        self._open_shards[s] = arrays
-        return arrays
-
-    def locate(self, i: int) -> tuple[dict, int]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"latent cache index {i} out of range [0, {len(self)})")
-        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return self.shard(s), int(i - self.offsets[s])
+    @property
+    def classes(self) -> list[str]:
+        return list(self.index["classes"])
 
 
 class LatentDataset(Dataset):
@@ -241,7 +168,7 @@ class LatentDataset(Dataset):
         [R]'s cache, Q15/D29), the same every epoch.
     latent_sampling="resample": z = mean + exp(logvar / 2) · ε with a fresh ε and (if `hflip`) a
         random flip per draw. The draw is a function of (seed, item, epoch) only, where the item
-        is the manifest index and the epoch comes with the key: `dataset[(i, epoch)]`. A plain
+        is the item index (line of items.tsv) and the epoch comes with the key: `dataset[(i, epoch)]`. A plain
         `dataset[i]` draws as epoch 0. So the data never depend on global RNG state, the number of
         processes or DataLoader workers, and a resumed run sees the same latents."""
 
@@ -258,17 +185,17 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cache)
 
-    # the fields each mode reads (labels come from the cache's in-memory array)
-    MODE_FIELDS = {"fixed": ("latent",), "resample": ("mean", "logvar", "index")}
+    # the fields each mode reads
+    MODE_FIELDS = {"fixed": ("latent", "label"), "resample": ("mean", "logvar", "item", "label")}
 
     def __getitem__(self, key):
         i, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         arrays, row = self.cache.locate(i)
-        y = torch.tensor(int(self.cache.labels[i]), dtype=torch.int64)
+        y = torch.tensor(int(arrays["label"][row]), dtype=torch.int64)
         if self.mode == "fixed":
             z = torch.from_numpy(np.array(arrays["latent"][row], dtype=np.float32))
         else:
-            g = item_generator(self.seed, "train", int(arrays["index"][row]), epoch)
+            g = item_generator(self.seed, "train", int(arrays["item"][row]), epoch)
             flip = int(torch.randint(2, (), generator=g)) if self.hflip else 0
             mean = torch.from_numpy(np.array(arrays["mean"][row, flip], dtype=np.float32))
             logvar = torch.from_numpy(np.array(arrays["logvar"][row, flip], dtype=np.float32))

@@ -18,7 +18,7 @@ from dcgen import viz
 from dcgen.codec import DEFAULT_VAE, SD_SCALE
 from dcgen.task import Task
 
-from .data import LATENT_SAMPLING, LatentCache, LatentDataset, read_manifest
+from .data import LATENT_SAMPLING, LatentCache, LatentDataset
 
 log = logging.getLogger("dcgen.imagenet_latent")
 
@@ -42,7 +42,8 @@ class ImageNetLatentTask(Task):
 
     cache_dir        where `dcgen prepare` writes the latent cache and training reads it
     resolution       ADM centre-crop size in pixels (256 or 512); grid = resolution / 8
-    num_classes      label table size (1000 for ImageNet); None reads it from the cache
+    num_classes      label table size (1000 for ImageNet); None reads it from the cache (on first
+                     use: the constructor reads no file)
     vae              diffusers AutoencoderKL: hub id or local directory (save_pretrained)
     latent_scale     0.18215 (SD-VAE)
     data             latent_sampling "fixed" ([R]'s baked flip + sample, Q15/D29) or "resample"
@@ -76,25 +77,32 @@ class ImageNetLatentTask(Task):
         side = self.resolution // self.downsample
         self.grid = (side, side)
         self.channels = int(latent_channels)
-        if num_classes is None:  # from an existing cache
-            num_classes = len(read_manifest(self.cache_dir)["classes"])
-        self.num_classes = int(num_classes)
+        if num_classes is not None and int(num_classes) < 0:
+            raise ValueError(f"task.num_classes must be >= 0 or null, got {num_classes}")
+        self._num_classes = None if num_classes is None else int(num_classes)
         self._dataset = None
         self._codec = None
 
+    @property
+    def num_classes(self) -> int:
+        """As given, or (None) the number of classes of the finished cache, read on first use."""
+        if self._num_classes is None:
+            self._num_classes = len(LatentCache(self.cache_dir, fields=()).classes)
+        return self._num_classes
+
     # ------------------------------------------------------------------ prepare / data
 
-    def prepare(self, seed: int = 0, **kwargs: Any):
+    def prepare(self, seed: int = 0) -> dict:
         """Encode `source` into `cache_dir` (every process of the launch takes its shards)."""
         from .prepare import prepare_cache
         return prepare_cache(self.cache_dir, self.source["image_dir"], self.source["file_list"],
-                             resolution=self.resolution, vae=self.vae, num_classes=self.num_classes,
+                             resolution=self.resolution, vae=self.vae, num_classes=self._num_classes,
                              seed=seed, expect_latent_channels=self.channels, **self.encode)
 
     def train_dataset(self) -> LatentDataset:
         if self._dataset is None:
             cache = LatentCache(self.cache_dir, fields=LatentDataset.MODE_FIELDS[self.data["latent_sampling"]])
-            m = cache.manifest
+            m = cache.manifest["settings"]
             side = self.resolution // self.downsample
             if m["resolution"] != self.resolution or m["latent_size"] != side \
                     or m["latent_channels"] != self.channels:
@@ -102,9 +110,9 @@ class ImageNetLatentTask(Task):
                                  f"x{m['latent_size']} latents of {m['resolution']} px images, but the "
                                  f"task expects {self.channels}x{side}x{side} at task.resolution="
                                  f"{self.resolution}")
-            if len(cache) and self.num_classes > 0 and int(cache.labels.max()) >= self.num_classes:
-                raise ValueError(f"{self.cache_dir}: labels go up to {int(cache.labels.max())} but "
-                                 f"task.num_classes={self.num_classes}")
+            if self.num_classes > 0 and len(cache.classes) > self.num_classes:
+                raise ValueError(f"{self.cache_dir}: the cache has {len(cache.classes)} classes (labels "
+                                 f"up to {len(cache.classes) - 1}) but task.num_classes={self.num_classes}")
             d = self.data
             self._dataset = LatentDataset(cache, self.latent_scale, d["latent_sampling"], d["hflip"],
                                           d["seed"])

@@ -10,7 +10,6 @@ C latent channels, T' latent frames, h, w latent sides. Pixel frames from reader
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -317,91 +316,60 @@ def write_gif(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# The latent cache
+# The latent cache (the layout is dcgen.shards'; prepare.py writes it)
 # --------------------------------------------------------------------------------------------
 
-SHARD_GLOB = "shard-r*-*.safetensors"
-INDEX_FILE = "index.json"
-META_FILE = "meta.json"
+def to_storage(x: torch.Tensor, cache_dtype: str) -> np.ndarray:
+    """Moments -> what the cache stores: `cache_dtype` values (bfloat16 as its int16 bits)."""
+    t = x.detach().to(getattr(torch, cache_dtype)).cpu()
+    return (t.view(torch.int16) if cache_dtype == "bfloat16" else t).numpy()
 
 
-def shard_paths(cache: Path) -> list[Path]:
-    return sorted(Path(cache).glob(SHARD_GLOB))
-
-
-def shard_videos(path: Path) -> list[str]:
-    """The videos (paths relative to the root) a shard holds, from its metadata."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["videos"])
+def from_storage(a: np.ndarray, cache_dtype: str) -> torch.Tensor:
+    """A stored row -> float32 moments."""
+    t = torch.from_numpy(np.array(a))
+    return (t.view(torch.bfloat16) if cache_dtype == "bfloat16" else t).float()
 
 
 class LatentClipDataset(Dataset):
     """Cached posterior moments -> `(x, y)`: x float32 (C, T', h, w) a fresh posterior sample
     times `scale` (or the scaled mean with `sample_posterior=False`), y int64.
 
-    Shards are memory-mapped lazily (one handle per shard per process, opened on first use, so
-    the dataset pickles into DataLoader workers). The clip index is two numpy arrays (shard,
-    row), not a list of Python tuples: a Kinetics-size cache costs a few MB per worker. The
-    posterior noise of item i in epoch e comes from its own generator seeded by (seed, i, e)
-    (the sampler passes (index, epoch) keys): the same in every worker and process, and after a
-    resume, whatever the number of DataLoader workers."""
+    `cache` is a `dcgen.shards.ShardReader` (it opens shards lazily, at most a few at a time,
+    and pickles into DataLoader workers without them). The posterior noise of item i in epoch e
+    comes from its own generator seeded by (seed, i, e) (the sampler passes (index, epoch)
+    keys): the same in every worker and process, and after a resume, whatever the number of
+    DataLoader workers."""
 
     wants_epoch = True
 
-    def __init__(self, cache: str | Path, scale: float, unconditional: bool = False,
+    def __init__(self, cache, scale: float, unconditional: bool = False,
                  sample_posterior: bool = True, seed: int = 0):
-        from safetensors import safe_open
-        self.cache = Path(cache)
-        index = json.loads((self.cache / INDEX_FILE).read_text())
+        self.cache, self.cache_dtype = cache, cache.manifest["settings"]["cache_dtype"]
         self.scale, self.sample_posterior = float(scale), bool(sample_posterior)
         self.unconditional, self.seed = unconditional, int(seed)
-        self.shards = [self.cache / s["file"] for s in index["shards"]]
-        shard_of, row_of, labels = [], [], []
-        for k, p in enumerate(self.shards):
-            if not p.is_file():
-                raise FileNotFoundError(f"video cache {self.cache}: shard {p.name} listed in "
-                                        f"{INDEX_FILE} is missing (run `dcgen prepare` again)")
-            with safe_open(str(p), framework="pt") as f:
-                lab = f.get_tensor("label")
-            shard_of.append(np.full(lab.shape[0], k, dtype=np.int32))
-            row_of.append(np.arange(lab.shape[0], dtype=np.int64))
-            labels.append(lab)
-        self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
-        self.row_of = np.concatenate(row_of) if row_of else np.zeros(0, np.int64)
-        self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
-        self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
-        return int(self.shard_of.shape[0])
-
-    def _handle(self, k: int):
-        if k not in self._handles:
-            from safetensors import safe_open
-            self._handles[k] = safe_open(str(self.shards[k]), framework="pt")
-        return self._handles[k]
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_handles"] = {}
-        return d
+        return len(self.cache)
 
     def moments(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self._handle(int(self.shard_of[i]))
-        r = int(self.row_of[i])
-        return f.get_slice("mean")[r].float(), f.get_slice("logvar")[r].float()
+        arrays, r = self.cache.locate(i)
+        return (from_storage(arrays["mean"][r], self.cache_dtype),
+                from_storage(arrays["logvar"][r], self.cache_dtype))
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
         from dcgen.rng import item_generator
         from dcgen.task import item_key
         i, epoch = item_key(key)
-        mean, logvar = self.moments(i)
+        arrays, r = self.cache.locate(i)
+        mean = from_storage(arrays["mean"][r], self.cache_dtype)
         if self.sample_posterior:
+            logvar = from_storage(arrays["logvar"][r], self.cache_dtype)
             g = item_generator(self.seed, "train", i, epoch)
             x = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         else:
             x = mean
-        y = 0 if self.unconditional else int(self.labels[i])
+        y = 0 if self.unconditional else int(arrays["label"][r])
         return (x * self.scale).float(), torch.tensor(y, dtype=torch.int64)
 
 

@@ -1,35 +1,38 @@
 """`dcgen prepare task=video`: encode every clip of every video into the latent cache.
 
-Cache layout (one folder per clip geometry + VAE, see `VideoTask.cache_path`):
+The layout, the split over processes, resume and the index are `dcgen.shards` (its docstring),
+in the folder `VideoTask.cache_path` (one per clip geometry, VAE and storage dtype). Items are
+the sorted videos (path relative to root, label); shard s holds videos [s·S, (s+1)·S) and is
+written by process s mod W. Rows are clips, in video then start order:
 
-    meta.json                      what the cache holds (geometry, VAE, latent shape, classes)
-    shard-r{rank}-{seq}.safetensors  mean, logvar (N, C, T', h, w) in `cache_dtype`, label, video,
-                                   start (N,); metadata "videos": the relative paths it covers
-    report-r{rank}.json            what rank `rank` skipped in the last run (unreadable, too short)
-    index.json                     written last by rank 0: the complete cache (shards, clips,
-                                   skipped files); training refuses a cache without it
+    mean.npy, logvar.npy   (n, C, T', h, w) posterior moments in `cache_dtype` (bfloat16 is
+                           stored as its int16 bit pattern: numpy has no bfloat16)
+    start.npy              (n,) int64 first source frame of the clip
+    item.npy, label.npy    the video (line of items.tsv) and its class
 
-Sharding: `accelerate.PartialState()` gives the processes; the videos not yet in any shard are
-dealt round-robin, and each rank writes only files carrying its own rank in the name (atomically:
-temp file, then rename). A shard always holds whole videos, so a killed run resumes by skipping
-the videos already in a shard, with any number of processes.
+S (videos per shard) is fixed when the cache is created: about `shard_clips` clips per shard,
+from the clip counts of up to 8 evenly spaced videos. An unreadable video or one shorter than a
+clip gives no row; its shard's meta.json names it ("unreadable" / "too_short") and the index
+lists them all. A rerun with any number of processes encodes only the shards not yet complete.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
-from pathlib import Path
 
+import numpy as np
 import torch
 
-from dcgen.files import atomic_write_json
+from dcgen import shards
 
-from .data import (INDEX_FILE, META_FILE, VideoReadError, clips_to_model, read_clips,
-                   scan_videos, shard_paths, shard_videos)
+from .data import (VideoReadError, clip_starts, clips_to_model, probe_frames, read_clips,
+                   scan_videos, to_storage)
 
 log = logging.getLogger("dcgen.data")
+
+TASK = "video"
+CACHE_VERSION = 2  # 1: shard-r{rank}-{seq}.safetensors files (before dcgen.shards)
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.int16}
+PROBE_VIDEOS = 8
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -54,149 +57,111 @@ class _Decoded(torch.utils.data.Dataset):
         return path, label, starts, clips, None
 
 
-def _flush(cache: Path, rank: int, seq: int, buf: dict, dtype: torch.dtype) -> Path:
-    from safetensors.torch import save_file
-    path = cache / f"shard-r{rank:03d}-{seq:05d}.safetensors"
-    tmp = cache / f".{path.name}.tmp"
-    tensors = {"mean": torch.cat(buf["mean"]).to(dtype),
-               "logvar": torch.cat(buf["logvar"]).to(dtype),
-               "label": torch.tensor(buf["label"], dtype=torch.int64),
-               "video": torch.tensor(buf["video"], dtype=torch.int64),
-               "start": torch.tensor(buf["start"], dtype=torch.int64)}
-    save_file(tensors, str(tmp), metadata={"videos": json.dumps(buf["videos"])})
-    os.replace(tmp, path)
-    return path
+def cache_fields(task) -> dict:
+    shape = (task.vae_channels, *task.vae_grid)
+    dtype = STORAGE_DTYPES[task.cache_dtype]
+    return {"mean": (dtype, shape), "logvar": (dtype, shape), "start": (np.int64, ())}
 
 
-def _new_buffer() -> dict:
-    return {"mean": [], "logvar": [], "label": [], "video": [], "start": [], "videos": [], "n": 0}
+def videos_per_shard(task, items: list) -> int:
+    """About `task.shard_clips` clips per shard: the clips per video of up to PROBE_VIDEOS evenly
+    spaced readable videos (frame counts only, nothing decoded) set the videos per shard."""
+    pick = sorted(set(np.linspace(0, len(items) - 1, min(PROBE_VIDEOS, len(items))).round().astype(int)))
+    counts = []
+    for k in pick:
+        try:
+            n = probe_frames(task.root / items[k][0])
+        except VideoReadError:
+            continue
+        counts.append(len(clip_starts(n, task.frames, task.stride, task.clip_hop,
+                                      task.max_clips_per_video)))
+    per_video = max(1.0, float(np.mean(counts))) if counts else 1.0
+    return max(1, int(round(task.shard_clips / per_video)))
 
 
-def prepare_cache(task, seed: int = 0) -> dict:
-    """Encode the task's videos into `task.cache_path`; returns a summary (on every rank)."""
-    from accelerate import PartialState
+def prepare_cache(task, processes: shards.Processes | None = None) -> dict:
+    """Encode the task's videos into `task.cache_path` on every process of the launch; returns
+    the index (on every rank)."""
     from tqdm.auto import tqdm
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # cpu=True where there is no GPU: otherwise accelerate leaves a torchrun'd CPU job
-    # undistributed (every process would think it is rank 0 of 1 and encode everything)
-    state = PartialState(cpu=not torch.cuda.is_available())
-    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
     root, cache = task.root, task.cache_path
-    t0 = time.time()
+    procs = processes or shards.Processes.current()
 
-    # 1. What there is, and what the cache already holds -------------------------------------
-    videos, classes = scan_videos(root, task.extensions)
-    rel = {p: p.relative_to(root).as_posix() for p, _ in videos}
-    meta = task.cache_meta(classes)
-    old = cache / META_FILE
-    if old.is_file():
-        have = json.loads(old.read_text())
-        if have.get("classes") != meta["classes"]:
-            raise ValueError(f"video cache {cache} was built for classes {have.get('classes')} "
-                             f"but {root} now has {meta['classes']}: label ids would change; "
-                             f"delete the cache folder or set task.cache_dir elsewhere")
-    if is_main:
-        cache.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(old, meta)
-        (cache / INDEX_FILE).unlink(missing_ok=True)  # incomplete until this run ends
-    state.wait_for_everyone()
-    done = set()
-    for s in shard_paths(cache):
-        done.update(shard_videos(s))
-    state.wait_for_everyone()  # every rank has read the same shard set before anyone writes
-    pending = [(p, label) for p, label in videos if rel[p] not in done]
-    mine = pending[rank::world]
-    if is_main:
-        log.info("video prepare: %d video(s) in %s, %d already cached, %d to encode on %d "
-                 "process(es) into %s", len(videos), root, len(videos) - len(pending),
-                 len(pending), world, cache)
+    def list_items():
+        videos, classes = scan_videos(root, task.extensions)
+        return ([(p.relative_to(root).as_posix(), label) for p, label in videos],
+                {"classes": classes, "root": str(root)})
 
-    # 2. Encode this rank's share, shard by shard ----------------------------------------------
-    mine_done = cache.glob(f"shard-r{rank:03d}-*.safetensors")
-    seq = 1 + max([int(p.stem.rsplit("-", 1)[1]) for p in mine_done], default=-1)
-    codec = task.codec(device=state.device) if mine else None
-    dtype = getattr(torch, task.cache_dtype)
-    buf, skipped, too_short, n_clips, n_videos, written = _new_buffer(), [], [], 0, 0, []
-    # decoding and resizing run in DataLoader workers, in order, while this process encodes
-    loader = torch.utils.data.DataLoader(_Decoded(mine, task), batch_size=None,
-                                         num_workers=min(int(task.decode_workers), len(mine)))
-    bar = tqdm(loader, total=len(mine), desc=f"encode videos (rank {rank})", unit="video",
-               disable=not is_main, dynamic_ncols=True)
-    for path, label, starts, clips, error in bar:
-        if error is not None:
-            log.warning("skipping unreadable video: %s", error)
-            skipped.append(rel[path])
-            continue
-        if not starts:
-            log.info("skipping %s: shorter than one clip (%d frames at stride %d)", path,
-                     task.frames, task.stride)
-            too_short.append(rel[path])
-            continue
-        v = len(buf["videos"])
-        buf["videos"].append(rel[path])
-        for part in clips.split(task.encode_clips):
-            mean, logvar = codec.encode_moments(clips_to_model(part))  # (n, C, T', h, w)
-            buf["mean"].append(mean)
-            buf["logvar"].append(logvar)
-        buf["label"] += [label] * len(starts)
-        buf["video"] += [v] * len(starts)
-        buf["start"] += starts
-        buf["n"] += len(starts)
-        n_clips += len(starts)
-        n_videos += 1
-        bar.set_postfix(clips=n_clips, skipped=len(skipped))
-        if buf["n"] >= task.shard_clips:
-            written.append(_flush(cache, rank, seq, buf, dtype))
-            seq, buf = seq + 1, _new_buffer()
-    if buf["n"]:
-        written.append(_flush(cache, rank, seq, buf, dtype))
-    bar.close()
-    atomic_write_json(cache / f"report-r{rank:03d}.json",
-                {"skipped": skipped, "too_short": too_short, "videos": n_videos, "clips": n_clips})
-    state.wait_for_everyone()
+    prep = shards.start(cache, task=TASK, version=CACHE_VERSION, settings=task.cache_settings(),
+                        fields=cache_fields(task), list_items=list_items,
+                        shard_size=lambda items: videos_per_shard(task, items),
+                        rerun=task.rerun_command(), processes=procs, logger=log)
 
-    # 3. Rank 0 writes the index: the cache is complete ----------------------------------------
-    summary = {"cache": str(cache), "processes": world, "to_encode": len(pending)}
-    if is_main:
-        index = build_index(cache, meta, world)
-        summary.update({k: index[k] for k in ("num_videos", "num_clips", "skipped", "too_short")})
-        summary["seconds"] = time.time() - t0
-        if index["skipped"]:
+    def encode(todo: list[int]) -> None:
+        if not todo:
+            return
+        codec = task.codec(device=procs.device)
+        idx = [i for s in todo for i in range(*prep.span(s))]
+        videos = [(root / prep.items[i][0], prep.items[i][1]) for i in idx]
+        # decoding and resizing run in DataLoader workers, in order, while this process encodes
+        loader = torch.utils.data.DataLoader(_Decoded(videos, task), batch_size=None,
+                                             num_workers=min(int(task.decode_workers), len(videos)))
+        bar = tqdm(loader, total=len(videos), desc=f"encode videos (rank {procs.rank})",
+                   unit="video", disable=not procs.is_main, dynamic_ncols=True)
+        writer, extra, n_clips = None, {}, 0
+        try:
+            for i, (path, _, starts, clips, error) in zip(idx, bar):
+                s = i // prep.shard_size
+                if writer is None:
+                    writer, extra = prep.writer(s), {"unreadable": [], "too_short": [], "clips": 0}
+                name = prep.items[i][0]
+                if error is not None:
+                    log.warning("skipping unreadable video: %s", error)
+                    writer.skip(i, error)
+                    extra["unreadable"].append(name)
+                elif not starts:
+                    log.info("skipping %s: shorter than one clip (%d frames at stride %d)", path,
+                             task.frames, task.stride)
+                    writer.skip(i, f"shorter than one clip ({task.frames} frames at stride "
+                                   f"{task.stride})")
+                    extra["too_short"].append(name)
+                else:
+                    for k, part in enumerate(clips.split(task.encode_clips)):
+                        mean, logvar = codec.encode_moments(clips_to_model(part))  # (n, C, T', h, w)
+                        first = k * task.encode_clips
+                        writer.add(i, mean=to_storage(mean, task.cache_dtype),
+                                   logvar=to_storage(logvar, task.cache_dtype),
+                                   start=np.asarray(starts[first:first + len(part)], np.int64))
+                    extra["clips"] += len(starts)
+                    n_clips += len(starts)
+                    bar.set_postfix(clips=n_clips)
+                if i == prep.span(s)[1] - 1:  # the shard's last video
+                    writer.finish(**extra)
+                    writer = None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            bar.close()
+
+    def summarize(metas: list[dict]) -> dict:
+        unreadable = sorted(n for m in metas for n in m["unreadable"])
+        too_short = sorted(n for m in metas for n in m["too_short"])
+        videos = sum(m["stop"] - m["start"] for m in metas) - len(unreadable) - len(too_short)
+        return {"unreadable": unreadable, "too_short": too_short, "num_videos": int(videos)}
+
+    index = prep.run(encode, summarize)
+    if procs.is_main:
+        if index["unreadable"]:
             log.warning("video prepare: skipped %d unreadable video(s) of %d: %s",
-                        len(index["skipped"]), len(videos), ", ".join(index["skipped"][:20])
-                        + (" ..." if len(index["skipped"]) > 20 else ""))
+                        len(index["unreadable"]), index["num_items"],
+                        ", ".join(index["unreadable"][:20]) + (" ..." if len(index["unreadable"]) > 20 else ""))
         if index["too_short"]:
             log.warning("video prepare: skipped %d video(s) shorter than one clip",
                         len(index["too_short"]))
-        log.info("video prepare: %d clip(s) from %d video(s) cached in %s (%.1f s)",
-                 index["num_clips"], index["num_videos"], cache, summary["seconds"])
-    state.wait_for_everyone()
-    return summary
-
-
-def build_index(cache: Path, meta: dict, world: int) -> dict:
-    """Collect every shard and this run's rank reports into `index.json` (atomically)."""
-    from safetensors import safe_open
-    shards, clips, videos = [], [], []
-    for p in shard_paths(cache):
-        with safe_open(str(p), framework="pt") as f:
-            names = json.loads(f.metadata()["videos"])
-            vid, start = f.get_tensor("video").tolist(), f.get_tensor("start").tolist()
-        base = len(videos)
-        videos += names
-        clips += [[base + v, s] for v, s in zip(vid, start)]
-        shards.append({"file": p.name, "clips": len(vid)})
-    skipped, too_short = [], []
-    for r in range(world):
-        rep = cache / f"report-r{r:03d}.json"
-        if rep.is_file():
-            d = json.loads(rep.read_text())
-            skipped += d["skipped"]
-            too_short += d["too_short"]
-    index = {"meta": meta, "shards": shards, "videos": videos, "clips": clips,
-             "num_videos": len(videos), "num_clips": len(clips),
-             "skipped": sorted(skipped), "too_short": sorted(too_short)}
-    atomic_write_json(cache / INDEX_FILE, index)
+        log.info("video prepare: %d clip(s) from %d video(s) cached in %s", index["num_rows"],
+                 index["num_videos"], cache)
     return index

@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dcgen import viz
+from dcgen import shards, viz
 from dcgen.codec import DEFAULT_VAE
 from dcgen.chunking.grid import check_grid
 from dcgen.task import Task
 
 from .codec import VideoCodec, vae_info
-from .data import (INDEX_FILE, META_FILE, VIDEO_EXTENSIONS, LatentClipDataset, VideoReadError,
-                   clip_starts, pick_reference_clips, probe_frames, read_clips, scan_videos,
-                   to_uint8_frames, write_gif, write_mp4)
+from .data import (VIDEO_EXTENSIONS, LatentClipDataset, VideoReadError, clip_starts,
+                   pick_reference_clips, probe_frames, read_clips, scan_videos, to_uint8_frames,
+                   write_gif, write_mp4)
+from .prepare import CACHE_VERSION, TASK
 
 log = logging.getLogger("dcgen.data")
 
@@ -50,7 +51,12 @@ class VideoTask(Task):
     AutoencoderKLTemporalDecoder); `latent_scale` None takes the VAE's `scaling_factor`.
     `cache_dir` None puts the cache under `root/.dcgen_cache`.
     `num_classes`: None infers it (class folders; 0 without), 0 forces unconditional.
+    `shard_clips`: about this many clips per cache shard (whole videos per shard).
     `inception_weights` / `i3d`: default weight paths for `evaluate` (per-frame FID / FVD).
+
+    The constructor checks its arguments only. Shapes, scale and classes are read on first use:
+    from the cache when there is one (training needs no VAE), else from the VAE's config and the
+    class folders.
     """
 
     name = "video"
@@ -81,6 +87,8 @@ class VideoTask(Task):
         if vae_dtype not in CACHE_DTYPES and vae_dtype != "auto":
             raise ValueError(f"video: vae_dtype must be auto or one of {list(CACHE_DTYPES)}, got "
                              f"'{vae_dtype}'")
+        if num_classes is not None and int(num_classes) < 0:
+            raise ValueError(f"video: num_classes must be >= 0 or null, got {num_classes}")
         self.root = Path(root).expanduser() if root is not None else None
         self.frames, self.stride, self.resolution = int(frames), int(stride), int(resolution)
         self.vae, self.vae_type = str(vae), vae_type
@@ -99,45 +107,96 @@ class VideoTask(Task):
         self.decode_workers = int(decode_workers)  # prepare: videos decoded in DataLoader workers
         if self.decode_workers < 0:
             raise ValueError(f"video: decode_workers must be >= 0, got {decode_workers}")
+        self._latent_scale = None if latent_scale is None else float(latent_scale)
+        self._num_classes_arg = None if num_classes is None else int(num_classes)
         self._codec: VideoCodec | None = None
         self._dataset: Dataset | None = None
-
-        # Shapes: from the cache when there is one (training needs no VAE), else the VAE config.
-        meta = self._read_meta()
         self._vae_info: dict | None = None
-        if meta is not None:
-            self.channels, self.grid = meta["latent_shape"][0], check_grid(meta["latent_shape"][1:])
-            self.scale = float(meta["latent_scale"] if latent_scale is None else latent_scale)
-            self.classes = list(meta["classes"])
-        else:
-            info = self._vae_info = vae_info(self.vae, vae_type)
-            if resolution % info["downsample"]:
-                raise ValueError(f"video: resolution {resolution} is not a multiple of the VAE's "
-                                 f"downsampling factor {info['downsample']}")
-            h = self.resolution // info["downsample"]
-            self.channels, self.grid = info["latent_channels"], (self.frames, h, h)
-            self.scale = float(info["scaling_factor"] if latent_scale is None else latent_scale)
-            self.classes = None  # unknown until the root is scanned
-        found = None
-        if self.classes is not None:
-            found = len(self.classes)
-        elif self.root is not None and self.root.is_dir():
-            self.classes = sorted(p.name for p in self.root.iterdir()
-                                  if p.is_dir() and not p.name.startswith("."))
-            found = len(self.classes)
-        if num_classes is None:
-            if found is None and self.root is not None:
-                raise FileNotFoundError(f"video: folder not found: {self.root} (needed to infer "
-                                        f"num_classes; set task.num_classes to use the task "
-                                        f"without its data)")
-            if found is None:
-                raise ValueError("video: set task.root (a folder of videos), or task.num_classes "
-                                 "to use the task without data")
-            num_classes = found
-        elif num_classes != 0 and found is not None and num_classes < found:
-            raise ValueError(f"video: num_classes={num_classes} but {self.root} has {found} "
-                             f"class folders")
-        self.num_classes = int(num_classes)
+        self._shapes: tuple[int, tuple[int, ...], float] | None = None
+        self._classes: tuple[list[str], int] | None = None
+
+    # ------------------------------------------------------------------ lazily: shapes, classes
+
+    def _vae(self) -> dict:
+        """The VAE's config (channels, downsampling, scaling factor; no weights loaded)."""
+        if self._vae_info is None:
+            info = vae_info(self.vae, self.vae_type)
+            if self.resolution % info["downsample"]:
+                raise ValueError(f"video: resolution {self.resolution} is not a multiple of the "
+                                 f"VAE's downsampling factor {info['downsample']}")
+            self._vae_info = info
+        return self._vae_info
+
+    @property
+    def vae_channels(self) -> int:
+        return int(self._vae()["latent_channels"])
+
+    @property
+    def vae_grid(self) -> tuple[int, int, int]:
+        h = self.resolution // self._vae()["downsample"]
+        return (self.frames, h, h)
+
+    def _shape(self) -> tuple[int, tuple[int, ...], float]:
+        """(channels, grid, scale): from the cache's manifest when the cache was started (no VAE
+        needed), else from the VAE's config."""
+        if self._shapes is None:
+            manifest = self._manifest()
+            if manifest is not None:
+                st = manifest["settings"]
+                shape, scale = st["latent_shape"], st["latent_scale"]
+                channels, grid = int(shape[0]), check_grid(shape[1:])
+            else:
+                channels, grid, scale = self.vae_channels, self.vae_grid, self._vae()["scaling_factor"]
+            self._shapes = (channels, tuple(grid), float(scale if self._latent_scale is None
+                                                        else self._latent_scale))
+        return self._shapes
+
+    @property
+    def channels(self) -> int:
+        return self._shape()[0]
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return self._shape()[1]
+
+    @property
+    def scale(self) -> float:
+        return self._shape()[2]
+
+    def _resolve_classes(self) -> tuple[list[str], int]:
+        """(class names, num_classes): the finished cache's classes, else the root's folders."""
+        if self._classes is None:
+            index = self._index()
+            if index is not None:
+                classes = list(index["classes"])
+            elif self.root is not None and self.root.is_dir():
+                classes = sorted(p.name for p in self.root.iterdir()
+                                 if p.is_dir() and not p.name.startswith("."))
+            else:
+                classes = None
+            n = self._num_classes_arg
+            if n is None:
+                if classes is None and self.root is not None:
+                    raise FileNotFoundError(f"video: folder not found: {self.root} (needed to "
+                                            f"infer num_classes; set task.num_classes to use the "
+                                            f"task without its data)")
+                if classes is None:
+                    raise ValueError("video: set task.root (a folder of videos), or "
+                                     "task.num_classes to use the task without data")
+                n = len(classes)
+            elif n != 0 and classes is not None and n < len(classes):
+                raise ValueError(f"video: num_classes={n} but {self.root} has {len(classes)} "
+                                 f"class folders")
+            self._classes = (classes, n)
+        return self._classes
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self._resolve_classes()[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self._resolve_classes()[1]
 
     # ------------------------------------------------------------------ cache
 
@@ -151,8 +210,9 @@ class VideoTask(Task):
 
     @property
     def cache_path(self) -> Path:
-        """`<cache_dir>/video-t{T}-s{stride}-r{R}-{hash}`: one folder per clip geometry, VAE and
-        storage dtype (and root, when the cache lives outside it), so settings never mix."""
+        """`<cache_dir>/video-t{T}-s{stride}-r{R}-{hash}`: one folder per clip geometry, VAE,
+        storage dtype and cache version (and root, when the cache lives outside it), so settings
+        never mix."""
         if self.cache_dir is None and self.root is None:
             raise ValueError("video: set task.root or task.cache_dir")
         base = self.cache_dir if self.cache_dir is not None else self.root / ".dcgen_cache"
@@ -160,26 +220,41 @@ class VideoTask(Task):
         key = {"frames": self.frames, "stride": self.stride, "resolution": self.resolution,
                "clip_hop": self.clip_hop, "max_clips": self.max_clips_per_video,
                "vae": str(vae.resolve()) if vae.exists() else self.vae,
-               "vae_type": self.vae_type, "dtype": self.cache_dtype}
+               "vae_type": self.vae_type, "dtype": self.cache_dtype, "version": CACHE_VERSION}
         if self.cache_dir is not None and self.root is not None:
             key["root"] = str(self.root.resolve())
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         return base / f"video-t{self.frames}-s{self.stride}-r{self.resolution}-{digest}"
 
-    def _read_meta(self) -> dict | None:
+    def rerun_command(self) -> str:
+        return (f"dcgen prepare task=video task.root={self.root or '...'} (with the same task "
+                "settings)")
+
+    def _manifest(self) -> dict | None:
         if self.root is None and self.cache_dir is None:
             return None
-        p = self.cache_path / META_FILE
-        return json.loads(p.read_text()) if p.is_file() else None
+        try:
+            return shards.read_manifest(self.cache_path, TASK, CACHE_VERSION, self.rerun_command())
+        except FileNotFoundError:
+            return None
 
-    def cache_meta(self, classes: list[str]) -> dict:
-        codec_info = self._vae_info or vae_info(self.vae, self.vae_type)
+    def _index(self) -> dict | None:
+        if self.root is None and self.cache_dir is None:
+            return None
+        try:
+            return shards.read_index(self.cache_path, TASK, CACHE_VERSION, self.rerun_command())[1]
+        except FileNotFoundError:
+            return None
+
+    def cache_settings(self) -> dict:
+        """What a cache is made with (its manifest's settings; a resume must match them)."""
+        info = self._vae()
+        scale = info["scaling_factor"] if self._latent_scale is None else self._latent_scale
         return {"frames": self.frames, "stride": self.stride, "resolution": self.resolution,
                 "clip_hop": self.clip_hop, "max_clips_per_video": self.max_clips_per_video,
-                "vae": self.vae, "vae_kind": codec_info["kind"],
-                "latent_scale": self.scale, "latent_shape": [self.channels, *self.grid],
-                "cache_dtype": self.cache_dtype, "classes": list(classes),
-                "root": str(self.root)}
+                "vae": self.vae, "vae_kind": info["kind"], "latent_scale": float(scale),
+                "latent_shape": [self.vae_channels, *self.vae_grid],
+                "cache_dtype": self.cache_dtype}
 
     def codec(self, device=None) -> VideoCodec:
         """The VAE, loaded on first use (sampling and prepare only)."""
@@ -193,38 +268,37 @@ class VideoTask(Task):
                                      micro_batch=self.micro_batch)
         return self._codec
 
-    def prepare(self, seed: int = 0, **kwargs: Any) -> dict:
-        """Encode every clip into the cache (multi-process safe, resumable; `prepare.py`)."""
+    def prepare(self, seed: int = 0) -> dict:
+        """Encode every clip into the cache (multi-process safe, resumable; `prepare.py`).
+        `seed` is unused: the cache holds posterior moments, drawn from at training time."""
         from .prepare import prepare_cache
         self._need_root("prepare")
-        summary = prepare_cache(self, seed=seed)
-        self.classes = json.loads((self.cache_path / META_FILE).read_text())["classes"]
-        return summary
+        index = prepare_cache(self)
+        self._classes = self._shapes = None  # read again from the finished cache
+        return index
 
     # ------------------------------------------------------------------ data
 
+    def _reader(self, fields=None) -> shards.ShardReader:
+        return shards.ShardReader(self.cache_path, TASK, CACHE_VERSION, self.rerun_command(),
+                                  fields=fields, what="video latent cache")
+
     def train_dataset(self) -> Dataset:
         if self._dataset is None:
-            cache = self.cache_path
-            if not (cache / INDEX_FILE).is_file():
-                state = "is incomplete (a prepare run did not finish)" if cache.is_dir() \
-                    else "does not exist"
-                raise FileNotFoundError(
-                    f"video: the latent cache {cache} {state}; run `dcgen prepare task=video "
-                    f"task.root={self.root} ...` with the same task settings first")
-            ds = LatentClipDataset(cache, self.scale, unconditional=self.num_classes == 0,
-                                   sample_posterior=self.sample_posterior, seed=self.seed)
-            if len(ds) and tuple(ds.moments(0)[0].shape) != (self.channels, *self.grid):
-                raise ValueError(f"video cache {cache}: clips are {tuple(ds.moments(0)[0].shape)}"
-                                 f", the task expects {(self.channels, *self.grid)}")
-            self._dataset = ds
+            cache = self._reader(("mean", "logvar", "label"))
+            shape = tuple(cache.manifest["settings"]["latent_shape"])
+            if shape != (self.channels, *self.grid):
+                raise ValueError(f"video cache {cache.dir}: clips are {shape}, the task expects "
+                                 f"{(self.channels, *self.grid)}")
+            self._dataset = LatentClipDataset(cache, self.scale, unconditional=self.num_classes == 0,
+                                              sample_posterior=self.sample_posterior, seed=self.seed)
         return self._dataset
 
     @property
     def skipped(self) -> list[str]:
-        """Videos the last prepare run could not read (relative paths; from the cache index)."""
-        p = self.cache_path / INDEX_FILE
-        return json.loads(p.read_text())["skipped"] if p.is_file() else []
+        """Videos the last prepare could not read (relative paths; from the cache index)."""
+        index = self._index()
+        return list(index["unreadable"]) if index else []
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, T, h, w) latents -> (N, 3, T, H, W) clips in [-1, 1] (per-frame VAE decode,
@@ -276,15 +350,17 @@ class VideoTask(Task):
         """`n` real clips at the task geometry, decoded from video files (not through the VAE):
         uint8 (M, T, R, R, 3), M <= n, drawn by a seeded permutation of every clip of `root`
         (default: the task's root, whose clips the cache index lists when it exists)."""
+        index = None
         if root is None:
             root = self._need_root("evaluate")
-            index_path = self.cache_path / INDEX_FILE
+            index = self._index()
         else:
-            root, index_path = Path(root).expanduser(), None
-        if index_path is not None and index_path.is_file():
-            index = json.loads(index_path.read_text())
-            entries = [(index["videos"][v], s) for v, s in index["clips"]]
-            source = f"cache index {index_path}"
+            root = Path(root).expanduser()
+        if index is not None:
+            cache = self._reader(("item", "start"))
+            names = cache.items()
+            entries = [(names[v][0], int(s)) for v, s in zip(cache.column("item"), cache.column("start"))]
+            source = f"cache index {cache.dir / shards.INDEX}"
         else:
             entries = []
             for path, _ in scan_videos(root, self.extensions)[0]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -347,20 +348,43 @@ def unpack_occupancy(packed: np.ndarray, resolution: int) -> np.ndarray:
 
 
 class VoxelDataset(Dataset):
-    """Packed occupancies held in memory -> (x float32 (1, R, R, R) in {-1, +1}, y int64)."""
+    """The voxel cache's rows -> (x float32 (1, R, R, R) in {-1, +1}, y int64; 0 when
+    `unconditional`). Grids are read from memory-mapped shards (`dcgen.shards.ShardReader`,
+    at most a few open at a time); nothing is read at construction."""
 
-    def __init__(self, packed: np.ndarray, labels: np.ndarray, resolution: int):
-        assert packed.shape[0] == labels.shape[0]
-        self.packed, self.resolution = packed, int(resolution)
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    def __init__(self, cache, resolution: int, unconditional: bool = False):
+        self.cache, self.resolution, self.unconditional = cache, int(resolution), bool(unconditional)
 
     def __len__(self) -> int:
-        return self.packed.shape[0]
+        return len(self.cache)
+
+    def packed_rows(self, idx) -> np.ndarray:
+        """Packed grids (len(idx), R^3/8) of the given rows."""
+        out = []
+        for i in np.asarray(idx, dtype=np.int64).reshape(-1):
+            arrays, row = self.cache.locate(int(i))
+            out.append(np.array(arrays["occupancy"][row]))
+        return np.stack(out) if out else np.zeros((0, -(-self.resolution ** 3 // 8)), np.uint8)
+
+    @property
+    def packed(self) -> np.ndarray:
+        """Every packed grid (N, R^3/8), read into memory (4 KB a shape at 32^3)."""
+        return self.cache.column("occupancy")
+
+    @cached_property
+    def labels(self) -> torch.Tensor:
+        """Every row's label (N,) int64, read on first use (8 bytes a shape)."""
+        if self.unconditional:
+            return torch.zeros(len(self), dtype=torch.int64)
+        return torch.from_numpy(self.cache.column("label").astype(np.int64))
 
     def occupancy(self, i: int) -> np.ndarray:
-        return unpack_occupancy(self.packed[i], self.resolution)
+        arrays, row = self.cache.locate(int(i))
+        return unpack_occupancy(np.asarray(arrays["occupancy"][row]), self.resolution)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        occ = torch.from_numpy(self.occupancy(i))
+        arrays, row = self.cache.locate(int(i))
+        occ = torch.from_numpy(unpack_occupancy(np.asarray(arrays["occupancy"][row]), self.resolution))
         x = occ.to(torch.float32).mul_(2).sub_(1)[None]  # (1, R, R, R)
-        return x, self.labels[i]
+        y = 0 if self.unconditional else int(arrays["label"][row])
+        return x, torch.tensor(y, dtype=torch.int64)

@@ -3,7 +3,7 @@
 No codec: the model sees occupancy directly, so `decode` is the identity. Voxelising is the
 expensive step and happens once, in `prepare` (also run by `train_dataset()` when the cache is
 missing); see `data.py` for the normalisation and the voxelisation methods, `prepare.py` for the
-cache, `metrics.py` for the metrics.
+cache (the shared layout of `dcgen.shards`), `metrics.py` for the metrics.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dcgen import viz
+from dcgen import shards, viz
 from dcgen.task import Task
 
 from .data import MESH_EXTENSIONS, METHODS, VoxelDataset, occupancy_to_mesh, unpack_occupancy
-from .prepare import (cache_settings, check_settings, default_cache_dir, load_cache,
-                      prepare_cache, read_index)
+from .prepare import (CACHE_VERSION, TASK, cache_fields, cache_settings, default_cache_dir,
+                      prepare_cache, rerun_command)
 
 log = logging.getLogger("dcgen.voxel")
 
@@ -38,6 +38,9 @@ class VoxelTask(Task):
     margin: empty border of the unit cube, as a fraction of its side.
     method: auto | exact | vote | fill (see `data.py`); workers: voxelising processes per
     process in `prepare`; shard_size: meshes per cache shard.
+
+    The constructor checks its arguments only: the folder and the cache are looked at on first
+    use (`classes`, `num_classes`, `train_dataset()`, `prepare()`, `evaluate()`).
     """
 
     name = "voxel"
@@ -58,6 +61,8 @@ class VoxelTask(Task):
         if root is None and cache_dir is None:
             raise ValueError("voxel: set task.root (a folder of meshes) or task.cache_dir (a "
                              "finished cache)")
+        if num_classes is not None and int(num_classes) < 0:
+            raise ValueError(f"voxel: num_classes must be >= 0 or null, got {num_classes}")
         self.resolution = int(resolution)
         self.grid = (self.resolution,) * 3
         self.channels = 1
@@ -69,38 +74,71 @@ class VoxelTask(Task):
         self.settings = cache_settings(self.resolution, self.margin, method, self.extensions)
         self.cache_dir = (Path(cache_dir).expanduser() if cache_dir is not None
                           else default_cache_dir(self.root, self.settings))
+        self._num_classes_arg = None if num_classes is None else int(num_classes)
+        self._classes: list[str] | None = None
+        self._num_classes: int | None = None
         self._dataset: VoxelDataset | None = None
-        self._paths: list[str] = []
 
-        # Classes: from the data folder (cheap: one directory listing), else from the cache.
-        index = read_index(self.cache_dir)
+    # ------------------------------------------------------------------ lazily: folder, cache
+
+    def _rerun(self) -> str:
+        return rerun_command(self.root, self.cache_dir)
+
+    def _finished_index(self) -> dict | None:
+        """The index of the finished cache at cache_dir, None when there is none (an older
+        layout or other settings are errors)."""
+        try:
+            manifest, index = shards.read_index(self.cache_dir, TASK, CACHE_VERSION, self._rerun())
+        except FileNotFoundError:
+            return None
+        shards.check_manifest(manifest, self.cache_dir, TASK, CACHE_VERSION, self._rerun(),
+                              self.settings, shards.field_spec(cache_fields(self.resolution)))
+        return index
+
+    def _resolve(self) -> None:
+        """Classes from the data folder (one directory listing), else from the finished cache;
+        a missing folder with a finished cache is used without it."""
+        if self._classes is not None:
+            return
+        index = None
         if self.root is not None and not self.root.is_dir():
+            index = self._finished_index()
             if index is None:
                 raise FileNotFoundError(f"voxel: mesh folder not found: {self.root}")
             log.warning("voxel: mesh folder %s not found; using the finished cache %s",
                         self.root, self.cache_dir)
             self.root = None
         if self.root is not None:
-            self.classes = sorted(p.name for p in self.root.iterdir()
-                                  if p.is_dir() and not p.name.startswith("."))
-        elif index is not None:
-            self.classes = list(index["classes"])
+            classes = sorted(p.name for p in self.root.iterdir()
+                             if p.is_dir() and not p.name.startswith("."))
         else:
-            raise FileNotFoundError(f"voxel: no root given and no finished cache in "
-                                    f"{self.cache_dir}")
-        found = len(self.classes)
-        if num_classes is None:
-            num_classes = found
-        elif int(num_classes) < 0 or (num_classes != 0 and num_classes < found):
-            raise ValueError(f"voxel: num_classes={num_classes} but {self.root or self.cache_dir} "
-                             f"has {found} class folder(s)")
-        self.num_classes = int(num_classes)
+            index = index or self._finished_index()
+            if index is None:
+                raise FileNotFoundError(f"voxel: no root given and no finished cache in "
+                                        f"{self.cache_dir}")
+            classes = list(index["classes"])
+        found, n = len(classes), self._num_classes_arg
+        if n is not None and n != 0 and n < found:
+            raise ValueError(f"voxel: num_classes={n} but {self.root or self.cache_dir} has "
+                             f"{found} class folder(s)")
+        self._classes, self._num_classes = classes, found if n is None else n
+
+    @property
+    def classes(self) -> list[str]:
+        self._resolve()
+        return list(self._classes)
+
+    @property
+    def num_classes(self) -> int:
+        self._resolve()
+        return self._num_classes
 
     # ------------------------------------------------------------------ data
 
-    def prepare(self, seed: int = 0, **kwargs: Any) -> dict:
+    def prepare(self, seed: int = 0) -> dict:
         """Voxelise every mesh into the cache (resumable, multi-process; see prepare.py).
-        `seed` is accepted for the CLI and unused: voxelisation is deterministic."""
+        `seed` is unused: voxelisation is deterministic."""
+        self._resolve()
         if self.root is None:
             raise ValueError(f"voxel prepare needs task.root (the cache {self.cache_dir} can be "
                              f"read but not rebuilt without it)")
@@ -108,37 +146,38 @@ class VoxelTask(Task):
                              self.extensions, self.shard_size, self.workers, self.progress)
 
     def index(self) -> dict:
-        """The cache index, building the cache first when it is missing or stale."""
-        index = read_index(self.cache_dir)
-        if index is not None:
-            check_settings(index["settings"], self.settings, self.cache_dir)
-        if index is None or (self.root is not None and index["classes"] != self.classes):
+        """The cache index, building the cache first when it is missing or its classes are not
+        the data folder's."""
+        self._resolve()
+        index = self._finished_index()
+        if index is None or (self.root is not None and index["classes"] != self._classes):
             index = self.prepare()
         return index
 
     def train_dataset(self) -> VoxelDataset:
         if self._dataset is None:
             index = self.index()
-            packed, labels, self._paths = load_cache(self.cache_dir, index)
-            if len(labels) == 0:
+            if index["num_rows"] == 0:
                 raise ValueError(f"voxel: no usable meshes in {self.cache_dir} "
                                  f"({index['num_skipped']} file(s) skipped, see "
-                                 f"{self.cache_dir / 'index.json'})")
-            if self.num_classes == 0:
-                labels = np.zeros_like(labels)
-            self._dataset = VoxelDataset(packed, labels, self.resolution)
+                                 f"{self.cache_dir / shards.INDEX})")
+            cache = shards.ShardReader(self.cache_dir, TASK, CACHE_VERSION, self._rerun(),
+                                       fields=("occupancy", "label"))
+            self._dataset = VoxelDataset(cache, self.resolution, unconditional=self.num_classes == 0)
         return self._dataset
 
     @property
     def skipped(self) -> list[dict]:
-        """Files the last prepare could not use, each {"path", "reason"}."""
-        index = read_index(self.cache_dir)
+        """Files the last prepare could not use, each {"item", "name", "reason"}."""
+        index = self._finished_index()
         return list(index["skipped"]) if index else []
 
     @property
     def paths(self) -> list[str]:
-        """Source mesh of every training item, relative to root (after `train_dataset()`)."""
-        return list(self._paths)
+        """Source mesh of every training item, relative to root."""
+        cache = self.train_dataset().cache
+        names = cache.items()
+        return [names[i][0] for i in cache.column("item")]
 
     def reference_occupancy(self, num: int | None = None, seed: int = 0,
                             labels: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +189,7 @@ class VoxelTask(Task):
             idx = idx[np.isin(ds.labels.numpy(), np.asarray(labels))]
         if num is not None and num < len(idx):
             idx = np.sort(np.random.default_rng(seed).choice(idx, num, replace=False))
-        return unpack_occupancy(ds.packed[idx], self.resolution), ds.labels.numpy()[idx]
+        return unpack_occupancy(ds.packed_rows(idx), self.resolution), ds.labels.numpy()[idx]
 
     # ------------------------------------------------------------------ outputs
 
