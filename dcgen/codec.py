@@ -27,7 +27,7 @@ import torch
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 SD_SCALE = 0.18215
-CODECS = ("AutoencoderKL", "AutoencoderDC")
+CODECS = ("AutoencoderKL", "AutoencoderDC", "AutoencoderKLTemporalDecoder")  # the last: SVD's, per frame
 
 
 def codec_class(name: str):
@@ -46,7 +46,7 @@ def load_autoencoder(vae, kind: str = "auto"):
         if type(vae).__name__ not in CODECS:
             raise ValueError(f"codec: {type(vae).__name__} is not one of {list(CODECS)}")
         return vae
-    kinds = {"auto": CODECS, "kl": ("AutoencoderKL",), "dc": ("AutoencoderDC",)}
+    kinds = {"auto": CODECS[:2], "kl": ("AutoencoderKL",), "dc": ("AutoencoderDC",)}
     if kind not in kinds:
         raise ValueError(f"codec kind must be one of {list(kinds)}, got {kind!r}")
     path = Path(vae)

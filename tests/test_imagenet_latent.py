@@ -303,19 +303,21 @@ def test_elastic_inference_flops_and_tokens(ws, tmp_path):
 
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")
-                     if not p.stem.startswith(("digits_", "voxels_")))  # the ImageNet rows
+                     if not p.stem.startswith(("digits_", "glyphs_", "voxels_")))  # the ImageNet rows
 DIGITS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("digits_*.yaml"))
+GLYPHS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("glyphs_*.yaml"))
 
 
 def test_digits_experiments_build_on_the_pixel_task():
     from hydra.utils import instantiate
 
     from dcgen.train import build_model
-    assert len(DIGITS) == 7
-    for name in DIGITS:
+    assert len(DIGITS) == 8 and len(GLYPHS) == 3
+    for name in DIGITS + GLYPHS:
         cfg = compose("train", [f"experiment={name}"])
         task = instantiate(cfg.task, _convert_="all")
         assert task.name == "pixel" and cfg.train.max_steps == 3000, name
+        assert task.source == name.split("_")[0], name  # digits_* on the digits, glyphs_* on the glyphs
         model = build_model(cfg, task)
         assert type(model).__name__ == ("DiT" if "dit" in name.split("_")[1] and "dcdit" not in name
                                         else "DCDiT"), name

@@ -391,9 +391,13 @@ def test_task_constructors_read_no_file(tmp_path):
         video = VideoTask(root=tmp_path / "videos", vae=str(tmp_path / "vae"), frames=2, resolution=16)
         voxel = VoxelTask(root=tmp_path / "meshes", resolution=8)
         latent = ImageNetLatentTask(cache_dir=tmp_path / "latents", num_classes=None, resolution=16)
+        from dcgen.tasks.pixel.task import PixelTask
+        pixels = PixelTask(source="folder", root=tmp_path / "meshes")  # any class folders
+        glyphs = PixelTask(source="glyphs")
     finally:
         active[0] = False
     assert seen == []
+    assert pixels.num_classes == 3 and pixels.classes == ["x", "y", "z"] and glyphs.num_classes == 10
     assert video.num_classes == 2 and video.grid == (2, 2, 2) and video.channels == 4
     assert voxel.num_classes == 3 and voxel.classes == ["x", "y", "z"]
     with pytest.raises(ValueError, match="older layout.*dcgen prepare"):

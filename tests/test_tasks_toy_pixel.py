@@ -160,8 +160,9 @@ def test_pixel_folder_skips_corrupt_file(tmp_path, caplog):
 
 def test_pixel_folder_missing_root(tmp_path):
     missing = tmp_path / "nope"
+    task = PixelTask(source="folder", root=missing)  # nothing is read at construction
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        PixelTask(source="folder", root=missing)
+        task.num_classes
 
 
 def test_pixel_folder_flip_and_gray(tmp_path):
@@ -207,12 +208,12 @@ def test_pixel_npz_round_trip(tmp_path, hwc):
 
 
 def test_pixel_npz_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        PixelTask(source="npz", root=tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):  # on first use, not at construction
+        PixelTask(source="npz", root=tmp_path / "missing.npz").channels
     path = tmp_path / "wrong.npz"
     np.savez(path, pictures=np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="pictures"):
-        PixelTask(source="npz", root=path)
+        PixelTask(source="npz", root=path).train_dataset()
 
 
 def test_pixel_npz_unlabelled_float(tmp_path):

@@ -43,7 +43,7 @@ class FlowMatching:
         logit_mean, logit_std: m and σ of the logit-normal option.
         shift: SD3 / LightningDiT timestep shift applied to the training times and the sampling
             grid (`shift_time`); 1 = none (dcgen's behaviour before the option existed).
-        shift_base_numel: make the shift resolution-dependent (SD3 §5.3.2): the effective shift
+        shift_base_numel: make the shift resolution-dependent (the SD3 paper, section 5.3.2): the effective shift
             is shift·sqrt(n / shift_base_numel), n = C·prod(grid) of the data, so a shift chosen
             at one resolution carries to another with the same signal-to-noise at equal s; None:
             `shift` as given.

@@ -68,31 +68,54 @@ class PixelTask(Task):
         self._dataset: Dataset | None = None
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._npz: NpzImageDataset | None = None
-        self.classes: list[str] = []
-
+        self._classes: list[str] | None = None
+        self._channels_arg, self._num_classes_arg = channels, num_classes
+        self._shape: tuple[int, int] | None = None  # (channels, num_classes), read on first use
         if source in ("digits", "glyphs"):  # built in: rendered or loaded on first use
-            self.channels = channels or 1
-            found = 10
-        elif source == "npz":
-            # read lazily (memory-mapped, one item at a time): a large array is never held whole
-            self._npz = NpzImageDataset(self.root, self.resolution, channels, interpolation,
-                                        hflip=self.hflip, seed=self.seed)
-            found = int(self._npz.labels.max()) + 1 if self._npz.has_labels else 0  # none: unconditional
-            self.channels = self._npz.channels
-        else:
-            self.channels = channels or 3
-            self.classes = scan_class_folders(self.root)  # missing root fails here, early
-            found = len(self.classes)
+            self._shape = self._checked(channels or 1, 10)
+
+    def _checked(self, channels: int, found: int) -> tuple[int, int]:
+        num_classes = self._num_classes_arg
         if num_classes is None:
             num_classes = found
         elif num_classes != 0 and num_classes < found:
-            raise ValueError(f"pixel: num_classes={num_classes} but the {source} source has "
+            raise ValueError(f"pixel: num_classes={num_classes} but the {self.source} source has "
                              f"{found} classes")
-        self.num_classes = int(num_classes)
+        return int(channels), int(num_classes)
+
+    def _read_shape(self) -> tuple[int, int]:
+        """Channels and classes of a folder or npz source, read on first use (not at construction)."""
+        if self._shape is None:
+            if self.source == "npz":
+                # read lazily (memory-mapped, one item at a time): a large array is never held whole
+                self._npz = NpzImageDataset(self.root, self.resolution, self._channels_arg, self.interpolation,
+                                            hflip=self.hflip, seed=self.seed)
+                found = int(self._npz.labels.max()) + 1 if self._npz.has_labels else 0  # none: unconditional
+                self._shape = self._checked(self._npz.channels, found)
+            else:
+                self._classes = scan_class_folders(self.root)
+                self._shape = self._checked(self._channels_arg or 3, len(self._classes))
+        return self._shape
+
+    @property
+    def channels(self) -> int:
+        return self._read_shape()[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self._read_shape()[1]
+
+    @property
+    def classes(self) -> list[str]:
+        """The folder source's class names (sorted sub-folders); [] for the other sources."""
+        if self.source == "folder":
+            self._read_shape()
+            return list(self._classes)
+        return []
 
     # ------------------------------------------------------------------ data
 
-    def prepare(self, seed: int = 0, **kwargs):
+    def prepare(self, seed: int = 0):
         """Folder source: validate every file once and write the index training reads
         (`root/.dcgen_index.json`); the other sources need no preparation."""
         if self.source != "folder":
@@ -110,6 +133,7 @@ class PixelTask(Task):
                 if self.num_classes == 0:
                     ds.samples = [(p, 0) for p, _ in ds.samples]
             elif self.source == "npz":
+                self._read_shape()
                 ds = self._npz
                 if self.num_classes == 0:
                     ds.labels = torch.zeros_like(ds.labels)
