@@ -417,3 +417,24 @@ def test_bf16_vae_moments_lie_within_the_posterior_noise(ws):
     m16, _ = VAECodec(ws["root"] / "vae", dtype=torch.bfloat16).encode_moments(x)
     rel = (m16 - m32).abs() / torch.exp(0.5 * l32)
     assert rel.max() < 0.1 and rel.mean() < 0.01, (rel.max(), rel.mean())
+
+
+def test_channel_normalisation_from_the_caches_measured_statistics(prepared):
+    """`dcgen prepare` measures per-channel mean/std of the stored latents into the index;
+    task.latent_norm=channel trains on latents with mean 0 and std 1 per channel, and decodes
+    through the same statistics."""
+    from hydra.utils import instantiate
+    from dcgen.codec import VAECodec
+    from dcgen.tasks.imagenet_latent.data import LatentCache
+    index = LatentCache(prepared["root"] / "cache", fields=("latent",)).index
+    assert len(index["latent_mean"]) == len(index["latent_std"]) == 4
+    task = instantiate(compose("train", [*prepared["task"], "+task.latent_norm=channel"]).task, _convert_="all")
+    ds = task.train_dataset()
+    x = torch.stack([ds[i][0] for i in range(len(ds))])  # (N, C, h, w)
+    per = x.transpose(0, 1).reshape(4, -1).double()
+    assert torch.allclose(per.mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(per.std(1), torch.ones(4, dtype=torch.float64), atol=1e-3)
+    plain = instantiate(compose("train", prepared["task"]).task, _convert_="all")
+    raw = plain.train_dataset()[0][0] / plain.latent_scale
+    vae = VAECodec(prepared["root"] / "vae", scale=1.0)
+    assert torch.allclose(task.decode(x[:1]), vae.decode(raw[None]), atol=1e-4)

@@ -162,7 +162,8 @@ class LatentCache(ShardReader):
 
 
 class LatentDataset(Dataset):
-    """(x, y) over the cache: x = latent_scale · z, (C, h, w) float32; y int64.
+    """(x, y) over the cache: x = latent_scale · z, or (z − mean_c) / std_c with the cache's
+    per-channel statistics, (C, h, w) float32; y int64.
 
     latent_sampling="fixed": z is the sample stored at extraction (one flip, one posterior draw:
         [R]'s cache, Q15/D29), the same every epoch.
@@ -175,11 +176,14 @@ class LatentDataset(Dataset):
     wants_epoch = True  # a sampler may pass (index, epoch) keys
 
     def __init__(self, cache: LatentCache, latent_scale: float, latent_sampling: str = "fixed",
-                 hflip: bool = True, seed: int = 0):
+                 hflip: bool = True, seed: int = 0, latent_mean=None, latent_std=None):
         if latent_sampling not in LATENT_SAMPLING:
             raise ValueError(f"task.data.latent_sampling must be one of {list(LATENT_SAMPLING)}, "
                              f"got {latent_sampling!r}")
         self.cache, self.scale = cache, float(latent_scale)
+        # per-channel normalisation (the cache's measured statistics) instead of the scalar scale
+        self.shift = None if latent_mean is None else torch.tensor(latent_mean, dtype=torch.float32).view(-1, 1, 1)
+        self.div = None if latent_std is None else torch.tensor(latent_std, dtype=torch.float32).view(-1, 1, 1)
         self.mode, self.hflip, self.seed = latent_sampling, bool(hflip), int(seed)
 
     def __len__(self) -> int:
@@ -201,4 +205,6 @@ class LatentDataset(Dataset):
             logvar = torch.from_numpy(np.array(arrays["logvar"][row, flip], dtype=np.float32))
             eps = torch.randn(mean.shape, generator=g)
             z = mean + torch.exp(0.5 * logvar) * eps
+        if self.shift is not None:
+            return (z - self.shift) / self.div, y
         return z * self.scale, y

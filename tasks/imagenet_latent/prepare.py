@@ -125,6 +125,21 @@ def _encode_shards(codec, prep: shards.Prepare, todo: list[int], resolution: int
         raise
 
 
+def latent_statistics(cache_dir: Path, num_shards: int, chunk: int = 4096) -> dict:
+    """Per-channel mean and std of the cache's stored latents (the `latent` field, unscaled),
+    streamed shard by shard in chunks of rows: {"latent_mean": [C], "latent_std": [C]}. Written
+    into the index; `task.latent_norm=channel` normalises with them."""
+    from dcgen.codec import channel_statistics
+
+    def batches():
+        for s in range(num_shards):
+            z = np.load(Path(cache_dir) / shards.shard_name(s) / "latent.npy", mmap_mode="r")
+            for a in range(0, z.shape[0], chunk):
+                yield torch.from_numpy(np.asarray(z[a:a + chunk], dtype=np.float32))
+    mean, std = channel_statistics(batches())
+    return {"latent_mean": mean.tolist(), "latent_std": std.tolist()}
+
+
 def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 256,
                   vae="stabilityai/sd-vae-ft-ema", num_classes: int | None = None, seed: int = 0,
                   batch_size: int = 32, shard_size: int = 5000, num_workers: int = 4,
@@ -202,7 +217,8 @@ def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 2
                    dynamic_ncols=True)
     try:
         index = prep.run(lambda todo: _encode_shards(codec, prep, todo, int(resolution), int(seed),
-                                                     int(batch_size), int(num_workers), dt, bar))
+                                                     int(batch_size), int(num_workers), dt, bar),
+                         lambda metas: latent_statistics(cache_dir, prep.num_shards))
     finally:
         if bar is not None:
             bar.close()

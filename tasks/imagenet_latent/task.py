@@ -46,6 +46,8 @@ class ImageNetLatentTask(Task):
                      use: the constructor reads no file)
     vae              diffusers AutoencoderKL: hub id or local directory (save_pretrained)
     latent_scale     0.18215 (SD-VAE)
+    latent_norm      "scale": x = latent_scale · z; "channel": x = (z − mean_c) / std_c with the
+                     per-channel statistics `dcgen prepare` measured over the cache (its index)
     data             latent_sampling "fixed" ([R]'s baked flip + sample, Q15/D29) or "resample"
                      (fresh posterior sample and flip per draw); hflip; seed of the draws
     source           image_dir (one sub-folder per class) or file_list, for `prepare`
@@ -58,7 +60,8 @@ class ImageNetLatentTask(Task):
     def __init__(self, cache_dir: str | Path, resolution: int = 256, num_classes: int | None = 1000,
                  vae: str | Path = DEFAULT_VAE, latent_scale: float = SD_SCALE,
                  latent_channels: int = 4, vae_downsample: int = 8, data: dict | None = None,
-                 source: dict | None = None, encode: dict | None = None, max_preview: int = 64):
+                 source: dict | None = None, encode: dict | None = None, max_preview: int = 64,
+                 latent_norm: str = "scale"):
         if cache_dir is None:
             raise ValueError("task.cache_dir is required (where the latent cache lives)")
         self.resolution, self.downsample = int(resolution), int(vae_downsample)
@@ -67,6 +70,9 @@ class ImageNetLatentTask(Task):
                              f"task.vae_downsample={vae_downsample}")
         self.cache_dir = Path(cache_dir).expanduser()
         self.vae, self.latent_scale = str(vae), float(latent_scale)
+        if latent_norm not in ("scale", "channel"):
+            raise ValueError(f"task.latent_norm must be scale or channel, got {latent_norm!r}")
+        self.latent_norm = latent_norm
         self.data = _options(data, _DATA_KEYS, "data")
         if self.data["latent_sampling"] not in LATENT_SAMPLING:
             raise ValueError(f"task.data.latent_sampling must be one of {list(LATENT_SAMPLING)}, "
@@ -115,17 +121,30 @@ class ImageNetLatentTask(Task):
                                  f"up to {len(cache.classes) - 1}) but task.num_classes={self.num_classes}")
             d = self.data
             self._dataset = LatentDataset(cache, self.latent_scale, d["latent_sampling"], d["hflip"],
-                                          d["seed"])
+                                          d["seed"], *self.channel_statistics(cache.index))
         return self._dataset
 
     # ------------------------------------------------------------------ decode / outputs
+
+    def channel_statistics(self, index: dict | None = None) -> tuple:
+        """(latent_mean, latent_std) of the cache with latent_norm=channel, else (None, None)."""
+        if self.latent_norm != "channel":
+            return None, None
+        if index is None:
+            index = LatentCache(self.cache_dir, fields=("label",)).index
+        if "latent_mean" not in index:
+            raise ValueError(f"{self.cache_dir}: the cache holds no per-channel statistics (written by "
+                             "dcgen prepare since 2026-12-07); rerun dcgen prepare or use task.latent_norm=scale")
+        return index["latent_mean"], index["latent_std"]
 
     def codec(self, device=None):
         """The VAE, built on first use and moved to `device`."""
         from dcgen.codec import VAECodec
         device = torch.device(device or "cpu")
         if self._codec is None:
-            self._codec = VAECodec(self.vae, scale=self.latent_scale, device=device)
+            mean, std = self.channel_statistics()
+            self._codec = VAECodec(self.vae, scale=self.latent_scale, device=device, latent_mean=mean,
+                                   latent_std=std)
         elif self._codec.device != device:
             self._codec.vae.to(device)
             self._codec.device = device
