@@ -10,7 +10,6 @@ an export never runs foreign code.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import uuid
@@ -20,7 +19,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .files import fsync_file
+from .files import commit_dir
 from .run import LEGACY_EXPORT_CONFIG, Run
 
 CONFIG_FILE = "config.json"  # the model description (Hugging Face layout)
@@ -129,21 +128,10 @@ def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        written = [WEIGHTS_FILE, CONFIG_FILE]
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if extra:
             (tmp / EXTRA_FILE).write_text(json.dumps(plain(extra), indent=2) + "\n")
-            written.append(EXTRA_FILE)
-        for name in written:
-            fsync_file(tmp / name)
-        if out.exists():
-            # a directory cannot be os.replace'd onto a non-empty one: move the old aside first
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        commit_dir(tmp, out)  # fsync every file, then one rename (an old export moved aside first)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

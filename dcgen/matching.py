@@ -111,8 +111,13 @@ def _search(node: dict, task, target: float, which: int, tol: float) -> tuple[di
     width = int(node.get("hidden_size", sig["hidden_size"].default))
     heads = int(node.get("num_heads", sig["num_heads"].default))
 
-    def err(n):
-        return abs(measure(n, task)[which] / target - 1)
+    seen: dict = {}
+
+    def err(n):  # each candidate is built (on the meta device) once
+        key = (n.get("depth"), n.get("hidden_size"))
+        if key not in seen:
+            seen[key] = abs(measure(n, task)[which] / target - 1)
+        return seen[key]
 
     best = min(({**node, "depth": d} for d in range(1, 4 * depth + 1)), key=err)
     notes = [f"depth {best['depth']}"]
