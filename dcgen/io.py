@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import os  # noqa: F401  (tests/test_untrusted.py uses dcgen.io.os.makedirs as a hostile target that resolves)
 import shutil
 import uuid
 from pathlib import Path
