@@ -801,16 +801,36 @@ def evaluate_images(samples=None, out_dir=None, reference=None, metrics=DEFAULT_
     return result
 
 
+_LOADED: dict = {}
+
+
+def _shared_inception(weights, device, spatial: bool):
+    """`load_inception` (with sFID's spatial features where `spatial`), kept for the process: a
+    comparison scores many rows with one network. Keyed by the file's identity (path, inode,
+    size, mtime), so a changed file is loaded again."""
+    if weights is None:
+        key = (None, str(device), spatial)
+    else:
+        st = Path(weights).stat()
+        key = (str(Path(weights).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, str(device), spatial)
+    if key not in _LOADED:
+        _LOADED.clear()  # one network at a time (an Inception is ~100 MB)
+        extractor = load_inception(weights, device)
+        if spatial and getattr(extractor, "sha256", None) is None:  # torch-fidelity's own network
+            from .feature_nets import SpatialInception
+            extractor = SpatialInception(extractor)
+        _LOADED[key] = extractor
+    return _LOADED[key]
+
+
 def _inception_scores(result, source, N, H, reference, metrics, inception_weights, device, batch_size,
                       num_workers, cache_dir, reference_size, progress, kid_subset_size, kid_subsets,
                       isc_splits, prc_neighborhood, seed) -> tuple[dict, dict]:
     """FID, IS, KID, PR and sFID into `result`; returns (the extractor's info, {metric: network})."""
     inception_weights = resolve_inception_weights(inception_weights)
-    extractor = load_inception(inception_weights, device)
-    network = None
-    if "sfid" in metrics and getattr(extractor, "sha256", None) is None:  # torch-fidelity's own network
-        from .feature_nets import SpatialInception
-        extractor, network = SpatialInception(extractor), "with-spatial-mixed_6-conv"
+    from .feature_nets import SpatialInception
+    extractor = _shared_inception(inception_weights, device, "sfid" in metrics)
+    network = "with-spatial-mixed_6-conv" if isinstance(extractor, SpatialInception) else None
     gen = extract_features(iter_image_batches(source, batch_size, None, num_workers), extractor, device,
                            total=N, desc="samples", progress=progress)
     ref = None

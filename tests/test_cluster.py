@@ -15,7 +15,7 @@ import yaml
 
 from dcgen.checkpoint import latest_checkpoint
 from dcgen.cli import main
-from test_train import final_weights, run_cli
+from test_train import final_weights, run_cli, toy6  # noqa: F401 (a fixture)
 
 PY = sys.executable
 TOY = ["task=toy", "task.grid=[8,8]", "task.num_samples=64", "model=dcdit_debug",
@@ -48,10 +48,9 @@ def snapshot(d: Path) -> dict:
 # Requeue-safe resume
 # ----------------------------------------------------------------------------------------------
 
-def test_identical_command_resumes_after_sigkill_bit_exact(tmp_path):
+def test_identical_command_resumes_after_sigkill_bit_exact(tmp_path, toy6):
     cmd = [*TOY, "train.max_steps=6", "train.ckpt_every=3"]
-    ref, crash = tmp_path / "ref", tmp_path / "crash"
-    cli(["train", *cmd, f"run_dir={ref}"])
+    ref, crash = toy6, tmp_path / "crash"
     p = cli(["train", *cmd, f"run_dir={crash}"], env={"DCGEN_FAULT_KILL_AFTER_STEP": "3"}, check=False)
     assert p.returncode == -9 and latest_checkpoint(crash).name == "step_00000003"
     p = cli(["train", *cmd, f"run_dir={crash}"])  # the requeued job: the very same command line
@@ -59,9 +58,8 @@ def test_identical_command_resumes_after_sigkill_bit_exact(tmp_path):
     assert_same_weights(ref, crash)
 
 
-def test_restart_may_raise_max_steps(tmp_path):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    cli(["train", *TOY, "train.max_steps=6", "train.ckpt_every=2", f"run_dir={ref}"])
+def test_restart_may_raise_max_steps(tmp_path, toy6):
+    ref, run = toy6, tmp_path / "run"
     p = cli(["train", *TOY, "train.max_steps=4", "train.ckpt_every=2", f"run_dir={run}"],
             env={"DCGEN_FAULT_KILL_AFTER_STEP": "2"}, check=False)
     assert p.returncode == -9
@@ -117,10 +115,9 @@ def test_run_dir_only_resume_and_extend_keeps_working(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
-def test_signal_checkpoints_at_a_step_boundary_and_resume_is_bit_exact(tmp_path, sig):
+def test_signal_checkpoints_at_a_step_boundary_and_resume_is_bit_exact(tmp_path, sig, toy6):
     cmd = [*TOY, "train.max_steps=6", "train.ckpt_every=0"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    cli(["train", *cmd, f"run_dir={ref}"])
+    ref, run = toy6, tmp_path / "run"
     # a real signal, delivered to the process as step 2 begins (the handler does the rest)
     p = cli(["train", *cmd, f"run_dir={run}"], env={"DCGEN_FAULT_SIGNAL_AT_STEP": f"2:{sig}"}, check=False)
     assert p.returncode == EXIT_PREEMPTED, p.stderr[-2000:]

@@ -33,8 +33,8 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     tiny = ["model.hidden_size=64", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8",
             "train.log_every=1", "train.ckpt_every=2", "train.log_with=none"]
     assert dcgen("experiments=[digits_dcdit]", "baselines=[token]", f"out={out}", "steps=4", "eval_every=2",
-                 "sample.num_samples=10", "sample.steps=2", "tail_drops=[0,0.5]", f"inception={weights}",
-                 "reference_limit=20", "sample.batch_size=10", "seeds=[0,1]", "jobs=2", "sample.cfg_scale=2",
+                 "sample.num_samples=6", "sample.steps=2", "tail_drops=[0,0.5]", f"inception={weights}",
+                 "reference_limit=12", "sample.batch_size=6", "seeds=[0,1]", "jobs=2", "sample.cfg_scale=2",
                  "extra_cfg_scales=[1]", "cache_thresholds=[1e6]", "extra_sample_steps=[1]", "map_samples=2",
                  overrides(tiny)) == 0
     summary = json.loads((out / "compare.json").read_text())

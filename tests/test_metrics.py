@@ -126,6 +126,18 @@ def test_inception_pipeline_with_local_random_weights(tmp_path, monkeypatch):
     cached = M.reference_features(tmp_path / "ref", None, size=32, weights=weights,
                                   cache_dir=tmp_path / "cache")
     assert cached["2048"].shape == (2, 2048) and cached["logits_unbiased"].shape == (2, 1008)
+    monkeypatch.undo()
+    # the network is loaded once per process (a comparison scores many rows) but a file rewritten
+    # in place with other weights is loaded again: its scores change
+    loads = []
+    monkeypatch.setattr(M, "load_inception", lambda *a, _load=M.load_inception: loads.append(a) or _load(*a))
+    again = M.evaluate_images(samples, tmp_path / "eval3", reference=tmp_path / "ref", metrics=["fid"],
+                              inception_weights=weights, device="cpu", cache_dir=False, progress=False)
+    assert loads == [] and again["fid"] == pytest.approx(res["fid"], rel=1e-6)
+    M.save_random_inception_weights(weights, seed=1)
+    other = M.evaluate_images(samples, tmp_path / "eval4", reference=tmp_path / "ref", metrics=["fid"],
+                              inception_weights=weights, device="cpu", cache_dir=False, progress=False)
+    assert len(loads) == 1 and other["fid"] != pytest.approx(res["fid"], rel=1e-3)
 
 
 def test_inception_weights_errors(tmp_path):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dcgen.checkpoint import latest_checkpoint
 from dcgen.cli import compose, main
 
-from test_train import PY, TOY, assert_identical, final_weights, run_cli
+from test_train import PY, TOY, assert_identical, final_weights, run_cli, toy6  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +196,9 @@ def test_signal_then_non_finite_step_writes_no_checkpoint_after_it(tmp_path, mon
     assert all(torch.isfinite(v).all() for v in exported.values())
 
 
-def test_sigint_checkpoints_exits_130_and_the_identical_command_resumes_bit_exact(tmp_path):
+def test_sigint_checkpoints_exits_130_and_the_identical_command_resumes_bit_exact(tmp_path, toy6):
     cmd = [*TOY, "train.max_steps=6", "train.ckpt_every=0"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    run_cli(["train", *cmd, f"run_dir={ref}"])
+    ref, run = toy6, tmp_path / "run"
     p = run_cli(["train", *cmd, f"run_dir={run}"], env={"DCGEN_FAULT_SIGNAL_AT_STEP": "2:SIGINT"},
                 check=False)
     assert p.returncode == 130, p.stderr[-2000:]

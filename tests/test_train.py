@@ -37,16 +37,24 @@ def final_weights(run_dir):
     return load_file(ck / "model.safetensors"), load_file(ck / "ema.safetensors"), ck
 
 
+@pytest.fixture(scope="session")
+def toy6(tmp_path_factory):
+    """The uninterrupted 6-step TOY run that the kill, signal and requeue tests must reproduce
+    bit for bit (checkpoint frequency does not change the weights): trained once per session."""
+    ref = tmp_path_factory.mktemp("toy6") / "run"
+    run_cli(["train", *TOY, "train.max_steps=6", "train.ckpt_every=0", f"run_dir={ref}"])
+    return ref
+
+
 def assert_identical(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_exact_resume_after_sigkill(tmp_path):
+def test_exact_resume_after_sigkill(tmp_path, toy6):
     steps = ["train.max_steps=6", "train.ckpt_every=3"]
-    ref, crash = tmp_path / "ref", tmp_path / "crash"
-    run_cli(["train", *TOY, *steps, f"run_dir={ref}", "train.ckpt_keep=5"])
+    ref, crash = toy6, tmp_path / "crash"
     p = run_cli(["train", *TOY, *steps, f"run_dir={crash}"], env={"DCGEN_FAULT_KILL_AFTER_STEP": "3"}, check=False)
     assert p.returncode == -9  # SIGKILL right after the step-3 checkpoint
     assert latest_checkpoint(crash).name == "step_00000003"
