@@ -157,7 +157,8 @@ def load_ema(run_dir, step: int | None = None):
     run = Run(run_dir)
     model, objective, task, _ = load_run(run_dir, "cpu")
     if step is not None:
-        model.load_state_dict(load_file(run.checkpoint_dir(step) / "ema.safetensors"))
+        from .repa import strip_projector  # a REPA run's checkpoint also holds the projector
+        model.load_state_dict(strip_projector(load_file(run.checkpoint_dir(step) / "ema.safetensors")))
     return model.eval(), objective, task
 
 

@@ -106,7 +106,8 @@ def export_model(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
 
     # safetensors refuses tensors that share memory; give each key its own contiguous CPU copy
     tensors, seen = {}, set()
-    for k, v in model.state_dict().items():
+    from .repa import strip_projector  # REPA's projector trains beside the model, it is not exported
+    for k, v in strip_projector(model.state_dict()).items():
         v = v.detach().to("cpu").contiguous()
         ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
         if ptr is not None and ptr in seen:

@@ -136,12 +136,24 @@ class Init:
 
 
 @dataclass
+class Repa:
+    """REPA (dcgen/repa.py, docs/method.md §8.2): align one backbone block's tokens with a frozen
+    image encoder's patch features at their grid positions."""
+    weight: float = key(0.0, num(0), "weight of the alignment loss (0: off; REPA: 0.5)")
+    depth: int = key(8, int_(1), "the block whose output is aligned, 1-based (REPA: 8 of 28)")
+    encoder: Optional[str] = key(None, None, "random:WIDTH (tests), torchscript:PATH or timm:NAME "
+                                 "(e.g. timm:vit_base_patch14_dinov2.lvd142m)")
+    projector_dim: int = key(2048, int_(1), "hidden width of the projector MLP")
+
+
+@dataclass
 class TrainConfig:
     run_dir: Optional[str] = key(None, None, "null: runs/train-<timestamp>; an existing run dir resumes")
     seed: int = key(0, int_(0, MAX_SEED), "the seed of everything random")
     train: Train = node(Train, "the training loop")
     dc: DC = node(DC, "dynamic chunking")
     init: Init = node(Init, "upcycling")
+    repa: Repa = node(Repa, "representation alignment")
     sample: Sampling = node(Sampling, "the previews' sampling", num_samples=16, steps=50)
     task: Any = key(None, None, "the task node (group)")
     model: Any = key(None, None, "the model node (group)")

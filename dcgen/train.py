@@ -349,6 +349,8 @@ def format_line(step: int, total: int, s: dict, eta_s: float) -> str:
     parts = [f"step {step}/{total}", f"loss {s['loss']:.4f}"]
     if "ratio_loss" in s:
         parts.append(f"ratio_loss {s['ratio_loss']:.4f}")
+    if "repa_loss" in s:
+        parts.append(f"repa_loss {s['repa_loss']:.4f}")
     if "kept_fraction" in s:
         parts.append(f"kept {s['kept_fraction']:.3f}")
     if "rho" in s:
@@ -439,6 +441,7 @@ class _Parts:
     distillation: Distillation
     upcycle_report: dict | None
     p_drop: float
+    repa: object = None  # dcgen.repa.Repa when repa.weight > 0
 
 
 def _build_parts(cfg: DictConfig, procs: _Processes, trusted: bool) -> _Parts:
@@ -471,6 +474,7 @@ def _build_parts(cfg: DictConfig, procs: _Processes, trusted: bool) -> _Parts:
         preview = sampling_args(cfg.sample)
         check_request(with_diffusers_samplers(objective), task, num_samples=preview["num_samples"],
                       steps=preview["steps"], sampler=preview["sampler"], seed=cfg.seed)
+    repa = _build_repa(cfg, model, task, procs, trusted)  # adds the projector to the model
     ema = EMA(model, tc.ema_decay)
     optimizer = build(cfg.optim, "optim", where, trusted=trusted)(params=param_groups(model, cfg))
     if tc.get("grad_checkpointing", False):
@@ -482,7 +486,27 @@ def _build_parts(cfg: DictConfig, procs: _Processes, trusted: bool) -> _Parts:
     if tc.get("compile", False):
         from .models.compile import compile_backbone
         compile_backbone(model)
-    return _Parts(task, dataset, model, objective, ema, optimizer, distillation, upcycle_report, p_drop)
+    return _Parts(task, dataset, model, objective, ema, optimizer, distillation, upcycle_report, p_drop, repa)
+
+
+def _build_repa(cfg: DictConfig, model, task, procs: _Processes, trusted: bool):
+    """REPA's projector and frozen encoder (dcgen/repa.py) when repa.weight > 0, else None."""
+    rc = cfg.get("repa") or {}
+    if not float(rc.get("weight", 0) or 0):
+        return None
+    from .validate import ConfigError
+    if cfg.train.get("compile", False):
+        raise ConfigError("repa and train.compile together are not supported (REPA reads a block's "
+                          "output through a forward hook); choose one")
+    if not trusted and str(rc.get("encoder")).startswith("torchscript:"):
+        raise ConfigError(f"{procs.run.config_file}: refusing repa.encoder={rc.get('encoder')} from a run "
+                          "dir's config (a TorchScript file is a program); give the whole command, "
+                          "repa.encoder included, to resume")
+    from .repa import Repa
+    try:
+        return Repa(rc, model, task, device=procs.accelerator.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _open_run(cfg: DictConfig, procs: _Processes, parts: _Parts):
@@ -557,13 +581,17 @@ def _train_step(cfg, procs: _Processes, parts: _Parts, model, hooks, step: int, 
             extra = hooks.auxiliary_loss(aux, n_eff)
             if extra is not None:
                 loss = loss + hooks.aux_weight * extra
+            align = None
+            if parts.repa is not None:  # the chosen block's tokens against the frozen encoder
+                align = parts.repa.loss(acc.unwrap_model(model), x)
+                loss = loss + parts.repa.weight * align
             decision.mark(loss)  # on the device: no host sync per micro-step
             acc.backward(loss)
             if acc.sync_gradients and tc.grad_clip:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        stats.add(loss_diff, extra, aux, t, objective.time_range)
+        stats.add(loss_diff, extra, aux, t, objective.time_range, align)
     return grad_norm, rho, n_eff
 
 
@@ -770,11 +798,13 @@ class _Stats:
         val = val.detach().double().to(self.device)
         self.sums[key] = self.sums[key] + val if key in self.sums else val
 
-    def add(self, loss, ratio, aux, t, t_range: float):
+    def add(self, loss, ratio, aux, t, t_range: float, repa=None):
         self.n += 1
         self._acc("loss", loss)
         if ratio is not None:
             self._acc("ratio_loss", ratio)
+        if repa is not None:
+            self._acc("repa_loss", repa)
         for s in aux or []:
             L = s.boundary_prob.shape[1]
             kept = s.kept_counts.double()

@@ -103,9 +103,11 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         from dcgen.cli import compose
         from dcgen.train import train
         out, run_dir = sys.argv[1], sys.argv[2]
-        # lr 3e-4: the 1e-6 bound below was calibrated there (reassociation grows with the step)
+        # lr 3e-4: the 1e-6 bound below was calibrated there (reassociation grows with the step).
+        # REPA on: its projector is called outside the DDP forward and must still be synced
         cfg = compose("train", {TOY!r} + ["train.max_steps=3", "train.ckpt_every=0", "optim.lr=3e-4",
-                                           "run_dir=" + run_dir])
+                                           "repa.weight=0.5", "repa.depth=1", "repa.encoder=random:8",
+                                           "repa.projector_dim=16", "run_dir=" + run_dir])
         _, model, ema = train(cfg, return_model=True)
         import os
         rank = int(os.environ.get("RANK", 0))
@@ -128,6 +130,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     state = json.loads((latest_checkpoint(tmp_path / "run2") / "state.json").read_text())
     assert state["world"] == 2, "the torchrun job did not run as one 2-process job"
     assert_identical(r0, r1)  # identical parameters on both ranks
+    assert any(k.startswith("repa_projector.") for k in r0)
     worst = max((r0[k] - single[k]).abs().max().item() for k in r0)
     print(f"2-process vs 1-process worst abs param diff: {worst:.3e}")
     assert worst <= 1e-6, worst

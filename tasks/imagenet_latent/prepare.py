@@ -145,6 +145,7 @@ def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 2
                   batch_size: int = 32, shard_size: int = 5000, num_workers: int = 4,
                   vae_dtype: str = "auto", cache_dtype: str = "float32",
                   expect_latent_channels: int | None = None, progress: bool = True,
+                  vae_kind: str = "auto", expect_downsample: int | None = None,
                   processes: shards.Processes | None = None) -> dict:
     """Encode the images into `cache_dir` on every process of the current launch. Returns the
     cache's index (on every process)."""
@@ -174,10 +175,13 @@ def prepare_cache(cache_dir, image_dir=None, file_list=None, resolution: int = 2
     if vae_dtype == "auto":  # the encoder is the cost of prepare: bf16 on GPUs, fp32 on the CPU
         vae_dtype = "bfloat16" if torch.device(procs.device).type == "cuda" else "float32"
     codec = procs.agree(lambda: VAECodec(vae, device=procs.device, dtype=VAE_DTYPES[vae_dtype],
-                                         micro_batch=2 * int(batch_size)))
+                                         micro_batch=2 * int(batch_size), kind=vae_kind))
     if resolution % codec.downsample:
         raise ValueError(f"task.resolution={resolution} is not a multiple of the VAE's "
                          f"downsampling factor {codec.downsample}")
+    if expect_downsample is not None and codec.downsample != expect_downsample:
+        raise ValueError(f"task.vae_downsample={expect_downsample} but the VAE {vae} downsamples "
+                         f"{codec.downsample}x")
     if expect_latent_channels is not None and codec.latent_channels != expect_latent_channels:
         raise ValueError(f"task.latent_channels={expect_latent_channels} but the VAE {vae} has "
                          f"{codec.latent_channels} latent channels")

@@ -44,7 +44,10 @@ class ImageNetLatentTask(Task):
     resolution       ADM centre-crop size in pixels (256 or 512); grid = resolution / 8
     num_classes      label table size (1000 for ImageNet); None reads it from the cache (on first
                      use: the constructor reads no file)
-    vae              diffusers AutoencoderKL: hub id or local directory (save_pretrained)
+    vae              the codec: hub id or local directory of a diffusers AutoencoderKL (SD-VAE,
+                     SDXL-VAE, VA-VAE / E2E-VAE exports) or AutoencoderDC (DC-AE)
+    vae_kind         auto (a local directory's config.json names the class; a hub id tries
+                     AutoencoderKL, then AutoencoderDC), kl or dc (save_pretrained)
     latent_scale     0.18215 (SD-VAE)
     latent_norm      "scale": x = latent_scale · z; "channel": x = (z − mean_c) / std_c with the
                      per-channel statistics `dcgen prepare` measured over the cache (its index)
@@ -61,7 +64,7 @@ class ImageNetLatentTask(Task):
                  vae: str | Path = DEFAULT_VAE, latent_scale: float = SD_SCALE,
                  latent_channels: int = 4, vae_downsample: int = 8, data: dict | None = None,
                  source: dict | None = None, encode: dict | None = None, max_preview: int = 64,
-                 latent_norm: str = "scale"):
+                 latent_norm: str = "scale", vae_kind: str = "auto"):
         if cache_dir is None:
             raise ValueError("task.cache_dir is required (where the latent cache lives)")
         self.resolution, self.downsample = int(resolution), int(vae_downsample)
@@ -73,6 +76,9 @@ class ImageNetLatentTask(Task):
         if latent_norm not in ("scale", "channel"):
             raise ValueError(f"task.latent_norm must be scale or channel, got {latent_norm!r}")
         self.latent_norm = latent_norm
+        if vae_kind not in ("auto", "kl", "dc"):
+            raise ValueError(f"task.vae_kind must be auto, kl or dc, got {vae_kind!r}")
+        self.vae_kind = vae_kind
         self.data = _options(data, _DATA_KEYS, "data")
         if self.data["latent_sampling"] not in LATENT_SAMPLING:
             raise ValueError(f"task.data.latent_sampling must be one of {list(LATENT_SAMPLING)}, "
@@ -103,7 +109,8 @@ class ImageNetLatentTask(Task):
         from .prepare import prepare_cache
         return prepare_cache(self.cache_dir, self.source["image_dir"], self.source["file_list"],
                              resolution=self.resolution, vae=self.vae, num_classes=self._num_classes,
-                             seed=seed, expect_latent_channels=self.channels, **self.encode)
+                             seed=seed, expect_latent_channels=self.channels, vae_kind=self.vae_kind,
+                             expect_downsample=self.downsample, **self.encode)
 
     def train_dataset(self) -> LatentDataset:
         if self._dataset is None:
@@ -144,7 +151,7 @@ class ImageNetLatentTask(Task):
         if self._codec is None:
             mean, std = self.channel_statistics()
             self._codec = VAECodec(self.vae, scale=self.latent_scale, device=device, latent_mean=mean,
-                                   latent_std=std)
+                                   latent_std=std, kind=self.vae_kind)
         elif self._codec.device != device:
             self._codec.vae.to(device)
             self._codec.device = device

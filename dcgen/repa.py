@@ -1,0 +1,234 @@
+"""REPA on a DiT or DC-DiT backbone: representation alignment (Yu et al., 2024, arXiv 2410.06940).
+
+A projector (an MLP) maps one backbone block's output tokens to the feature width of a frozen
+image encoder; the loss is the negative cosine similarity between each projected token and the
+encoder's patch feature at that token's grid position, averaged over each sample's tokens, then
+over the batch, and added to the diffusion loss with weight `repa.weight` (docs/method.md §8.2).
+
+On a DC-DiT the backbone sees only the kept tokens, packed: token i belongs to sample
+`pack.batch_idx[i]` and sits at raster position `pack.pos_idx[i]` of the token grid (the
+`ChunkIndex` the chunk layer returns). Its target is the encoder feature map, resized to the
+token grid, read at that position. Dropped tokens never pass through the backbone, so they have
+no block output to align: they take no part in the loss (the router's choice is not pushed
+towards or away from them by REPA; its gradient reaches the router only through the kept tokens'
+values). Every sample's kept tokens weigh 1/M_b, so a sample with few boundaries counts as much
+as one with many.
+
+The encoder (`repa.encoder`), frozen, evaluated under no_grad, on the clean training images
+(`task.decode(x0)`: the pixels themselves, or the VAE's decoding of a latent):
+
+- `random:WIDTH` — a small conv encoder with fixed random weights (seed 0), patch 4: for tests
+  and smoke runs; the alignment it teaches means nothing;
+- `torchscript:PATH` — a TorchScript file taking (B, 3, S, S) images in [0, 1] and returning a
+  feature map (B, d, h, w) or patch tokens (B, h*w, d) (a square); a program you trust, like the
+  FID Inception file;
+- `timm:NAME` — a timm model with pretrained weights (`pip install timm`), e.g.
+  `timm:vit_base_patch14_dinov2.lvd142m` (REPA's DINOv2-B); its prefix tokens (class,
+  registers) are dropped, its own mean/std and input size used. Downloaded once into the Hub
+  cache; not exercised by the offline tests.
+
+The projector is a submodule of the trained model (`repa_projector`), so DDP, the optimizer,
+the EMA and the checkpoints carry it with no special case; the export leaves it out (it is a
+training device, not part of the generator).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROJECTOR = "repa_projector"  # the model attribute (and state-dict prefix) of the projector
+
+
+class Projector(nn.Sequential):
+    """REPA's three-layer MLP: D -> P -> P -> d with SiLU."""
+
+    def __init__(self, width: int, hidden: int, out: int):
+        super().__init__(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                         nn.Linear(hidden, out))
+
+
+class RandomEncoder(nn.Module):
+    """A frozen random conv encoder: (B, 3, S, S) in [0, 1] -> (B, width, S/4, S/4). A stand-in
+    for tests and smoke runs only."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, width, 4, stride=4), nn.GELU(), nn.Conv2d(width, width, 3, padding=1))
+        with torch.no_grad():
+            for m in self.net:
+                if isinstance(m, nn.Conv2d):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.weight[0].numel()))
+                    m.bias.zero_()
+        self.width, self.input_size = width, None
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@dataclass
+class Encoder:
+    """A frozen feature network: `module` maps (B, 3, S, S) normalised images to (B, d, h, w)."""
+    module: nn.Module
+    width: int
+    input_size: int | None  # S, or None: the images' own size
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+    prefix_tokens: int | None = None  # class / register tokens before the patch tokens (None: inferred)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] (C = 1 or 3) -> (B, d, h, w) fp32 features."""
+        x = ((images.float().clamp(-1, 1) + 1) / 2)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[1] != 3:
+            raise ValueError(f"REPA encodes images with 1 or 3 channels, got {x.shape[1]}")
+        if self.input_size and tuple(x.shape[-2:]) != (self.input_size,) * 2:
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bicubic", align_corners=False,
+                              antialias=True)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        with torch.autocast(x.device.type, enabled=False):
+            f = self.module((x - mean) / std)
+        return _as_map(f, self.prefix_tokens).float()
+
+
+def _as_map(f: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
+    """(B, d, h, w) as is; (B, prefix + h*w, d) patch tokens -> (B, d, h, w) (h = w). With
+    `prefix` None, the prefix (class and register tokens) is what exceeds the largest square,
+    which is unambiguous while it is shorter than 2 h + 1 (a ViT's 1 to 5)."""
+    if f.dim() == 4:
+        return f
+    if f.dim() != 3:
+        raise ValueError(f"REPA encoder: expected (B, d, h, w) or (B, N, d) features, got {tuple(f.shape)}")
+    if prefix is None:
+        prefix = f.shape[1] - math.isqrt(f.shape[1]) ** 2
+    f = f[:, prefix:]
+    side = math.isqrt(f.shape[1])
+    if side * side != f.shape[1]:
+        raise ValueError(f"REPA encoder: {f.shape[1]} patch tokens are not a square grid")
+    return f.transpose(1, 2).reshape(f.shape[0], f.shape[2], side, side)
+
+
+def load_encoder(spec: str, device="cpu") -> Encoder:
+    """The frozen encoder `repa.encoder` names (module docstring)."""
+    kind, _, arg = str(spec).partition(":")
+    if kind == "random":
+        module = RandomEncoder(int(arg or 32))
+        enc = Encoder(module, module.width, None)
+    elif kind == "torchscript":
+        from pathlib import Path
+        path = Path(arg).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"repa.encoder={spec}: no such file")
+        module = torch.jit.load(str(path), map_location="cpu")
+        with torch.no_grad():  # its width, from one probe
+            width = _as_map(module(torch.zeros(1, 3, 64, 64))).shape[1]
+        enc = Encoder(module, width, None)
+    elif kind == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"repa.encoder={spec} needs timm (pip install timm)") from None
+        module = timm.create_model(arg, pretrained=True, num_classes=0)
+        cfg = module.pretrained_cfg
+        enc = Encoder(module.forward_features, module.num_features, int(cfg["input_size"][-1]),
+                      tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+                      int(getattr(module, "num_prefix_tokens", 0)))
+        enc.owner = module  # kept for .to() / eval()
+    else:
+        raise ValueError(f"repa.encoder={spec!r}: expected random:WIDTH, torchscript:PATH or timm:NAME")
+    owner = getattr(enc, "owner", enc.module)
+    owner.eval()
+    for p in owner.parameters():
+        p.requires_grad_(False)
+    owner.to(device)
+    return enc
+
+
+def grid_targets(features: torch.Tensor, token_grid) -> torch.Tensor:
+    """(B, d, h, w) -> (B, L, d) on the token grid (raster order): area means when the grid
+    divides the map, bilinear otherwise."""
+    gh, gw = token_grid
+    h, w = features.shape[-2:]
+    if (h, w) == (gh, gw):
+        f = features
+    elif h % gh == 0 and w % gw == 0:
+        f = F.adaptive_avg_pool2d(features, (gh, gw))
+    else:
+        f = F.interpolate(features, size=(gh, gw), mode="bilinear", align_corners=False)
+    return f.flatten(2).transpose(1, 2)
+
+
+def alignment_loss(h: torch.Tensor, pack, targets: torch.Tensor, projector: nn.Module) -> torch.Tensor:
+    """-cos(projector(h), target) averaged over each sample's tokens, then over samples.
+
+    h: a block's output, (B, L, D) dense or (T, D) packed with `pack` (batch_idx, pos_idx);
+    targets: (B, L, d) on the token grid."""
+    proj = projector(h).float()
+    if pack is None:
+        cos = F.cosine_similarity(proj, targets, dim=-1, eps=1e-6)  # (B, L)
+        return -cos.mean(1).mean()
+    tgt = targets[pack.batch_idx, pack.pos_idx]  # (T, d): each kept token's own position
+    cos = F.cosine_similarity(proj, tgt, dim=-1, eps=1e-6)  # (T,)
+    B = targets.shape[0]
+    per_sample = torch.zeros(B, dtype=cos.dtype, device=cos.device).index_add_(0, pack.batch_idx, cos)
+    counts = torch.bincount(pack.batch_idx, minlength=B).clamp_min(1)
+    return -(per_sample / counts).mean()
+
+
+class Repa:
+    """REPA for one training run: attaches the projector to `model`, records the chosen block's
+    output on every forward, and gives the loss for the clean batch `x0`."""
+
+    def __init__(self, cfg, model: nn.Module, task, device="cpu"):
+        self.weight = float(cfg.weight)
+        self.depth = int(cfg.depth)
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise ValueError(f"REPA needs a DiT or DC-DiT backbone; {type(model).__name__} has no blocks")
+        if not 1 <= self.depth <= len(blocks):
+            raise ValueError(f"repa.depth={self.depth}: the model has {len(blocks)} blocks (1..{len(blocks)})")
+        if len(model.token_grid) != 2:
+            raise ValueError(f"REPA aligns to an image encoder: it needs a 2D token grid, the model's is "
+                             f"{tuple(model.token_grid)}")
+        if not cfg.encoder:
+            raise ValueError("repa.weight > 0 needs repa.encoder (random:WIDTH, torchscript:PATH or timm:NAME)")
+        self.encoder = load_encoder(cfg.encoder, device)
+        self.task, self.token_grid = task, tuple(model.token_grid)
+        width = model.blocks[0].adaLN_modulation[-1].in_features
+        setattr(model, PROJECTOR, Projector(width, int(cfg.projector_dim), self.encoder.width))
+        self._seen = None
+        self._handle = blocks[self.depth - 1].register_forward_hook(self._record)
+
+    def _record(self, module, args, output):
+        pack = args[2] if len(args) > 2 else None
+        self._seen = (output, pack)
+
+    def loss(self, model: nn.Module, x0: torch.Tensor) -> torch.Tensor:
+        """The alignment loss of the last forward's block output against x0's encoder features."""
+        if self._seen is None:
+            raise RuntimeError("REPA: the chosen block did not run in this forward")
+        h, pack = self._seen
+        self._seen = None
+        with torch.no_grad():
+            images = self.task.decode(x0)
+            targets = grid_targets(self.encoder.features(images.to(x0.device)), self.token_grid)
+        return alignment_loss(h, pack, targets, getattr(model, PROJECTOR))
+
+    def remove(self):
+        self._handle.remove()
+
+
+def strip_projector(state: dict) -> dict:
+    """A state dict without the REPA projector (what the export writes)."""
+    return {k: v for k, v in state.items() if not k.startswith(PROJECTOR + ".")}
+
+
+__all__ = ["Encoder", "PROJECTOR", "Projector", "RandomEncoder", "Repa", "alignment_loss", "grid_targets",
+           "load_encoder", "strip_projector"]
