@@ -180,9 +180,10 @@ def evaluate_point(model, objective, task, cfg: DictConfig, reference: Path | No
     branches = cfg_branches(task.num_classes, cfg_scale)
     recorder = dc_step_recorder(model, branches) if model.drops_tokens else None
     res = generate(model, objective, task, num_samples=s.num_samples, steps=spec["sample_steps"],
-                   sampler=s.sampler, cfg_scale=cfg_scale, tail_drop=tail_drop, labels=labels, seed=seed,
-                   batch_size=s.batch_size, record=True, map_samples=0, flop_fn=recorder,
-                   cache_threshold=spec["cache_threshold"])
+                   sampler=spec.get("sampler") or s.sampler, cfg_scale=cfg_scale, tail_drop=tail_drop,
+                   labels=labels, seed=seed, batch_size=s.batch_size, record=True, map_samples=0,
+                   flop_fn=recorder, cache_threshold=spec["cache_threshold"],
+                   cfg_interval=spec.get("cfg_interval"))
     images = task.decode(res["samples"])
     row = {**spec, "num_samples": s.num_samples}
     if spec["cache_threshold"] is not None:
@@ -265,6 +266,8 @@ def eval_specs(cfg: DictConfig, chunking: bool, last: bool) -> list[dict]:
     out = [spec(rho=r, cache=c) for c in [None, *cfg.cache_thresholds] for r in rhos]
     out += [spec(scale=x) for x in cfg.extra_cfg_scales]
     out += [spec(steps=m) for m in cfg.extra_sample_steps if int(m) != n]
+    out += [{**spec(), "sampler": str(x)} for x in cfg.get("extra_samplers", []) if str(x) != cfg.sample.sampler]
+    out += [{**spec(), "cfg_interval": [float(v) for v in iv]} for iv in cfg.get("cfg_intervals", [])]
     return out
 
 
@@ -276,6 +279,10 @@ def eval_dir(step: int, spec: dict, cfg: DictConfig) -> str:
         name += f"_cache{spec['cache_threshold']:g}"
     if spec["sample_steps"] != int(cfg.sample.steps):
         name += f"_steps{spec['sample_steps']}"
+    if spec.get("sampler"):
+        name += f"_{spec['sampler'].replace('+', 'p')}"
+    if spec.get("cfg_interval"):
+        name += "_interval{:g}-{:g}".format(*spec["cfg_interval"])
     return name
 
 
@@ -290,6 +297,12 @@ def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
     for k in points:
         r["train_seconds"] += train_to(exp, run_dir, k, seed, cfg.threads, overrides, out)
         model, objective, task, _ = load_run(run_dir, "cpu")  # one load per point, shared by its evaluations
+        if k == points[0] and cfg.get("extra_samplers"):  # refused now rather than at the last point
+            from .pipeline import with_diffusers_samplers
+            from .sample import check_request
+            for x in cfg.extra_samplers:
+                check_request(with_diffusers_samplers(objective), task, num_samples=1, steps=cfg.sample.steps,
+                              sampler=str(x), seed=seed)
         from .viz import is_image_batch
         chunking = model.drops_tokens  # tail-drop budgets apply
         images = is_image_batch(task.decode(task.train_dataset()[0][0][None]))
@@ -339,10 +352,18 @@ def _fmt(values: list, digits: int) -> str:
     return f"{m:.{digits}f}" if len(values) < 2 else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
+def variant(e: dict) -> str | None:
+    """The sampler and guidance interval of a row that differs from the main settings in them."""
+    parts = ([e["sampler"]] if e.get("sampler") else []) + \
+        (["CFG in [{:g}, {:g}]".format(*e["cfg_interval"])] if e.get("cfg_interval") else [])
+    return ", ".join(parts) or None
+
+
 def row_key(e: dict, cfg_steps: int) -> tuple:
-    """(rho, guidance scale, cache threshold or None, sampler steps) of a row; rows written before
-    caching and step counts were options ran without a cache at the main step count."""
-    return (e["tail_drop"], e["cfg_scale"], e.get("cache_threshold"), e.get("sample_steps", cfg_steps))
+    """(rho, guidance scale, cache threshold or None, sampler steps, variant or None) of a row;
+    rows written before caching and step counts were options ran without a cache at the main
+    step count."""
+    return (e["tail_drop"], e["cfg_scale"], e.get("cache_threshold"), e.get("sample_steps", cfg_steps), variant(e))
 
 
 def merged(results: dict, exp: str) -> dict:
@@ -356,15 +377,15 @@ def merged(results: dict, exp: str) -> dict:
                 out.setdefault((p["step"], *row_key(e, main[3])), []).append(e)
 
     def order(kv):
-        step, rho, S, cache, n = kv[0]
-        return step, S != main[1], n != main[3], cache is not None, cache or 0.0, rho
+        step, rho, S, cache, n, var = kv[0]
+        return step, S != main[1], n != main[3], var is not None, var or "", cache is not None, cache or 0.0, rho
     return dict(sorted(out.items(), key=order))
 
 
 def _main_row(results: dict, exp: str) -> tuple:
     """The row key of the settings used at every point: (0, sample.cfg_scale, None, sample.steps)."""
     e = next(iter(results[exp]["seeds"].values()))["points"][0]["evals"][0]
-    return (0.0, e["cfg_scale"], None, e.get("sample_steps", e.get("settings", {}).get("sample_steps")))
+    return (0.0, e["cfg_scale"], None, e.get("sample_steps", e.get("settings", {}).get("sample_steps")), None)
 
 
 def training_cost(run_dir: Path) -> dict | None:
@@ -417,6 +438,8 @@ def _label(e: dict, main_steps) -> str | None:
         parts.append(f"cache {e['cache_threshold']:g}")
     if e.get("sample_steps", main_steps) != main_steps:
         parts.append(f"{e['sample_steps']} steps")
+    if variant(e):
+        parts.append(variant(e))
     return ", ".join(parts) or None
 
 
@@ -590,13 +613,13 @@ def table(results: dict) -> str:
         extra_h, extra = ["1-NNA (CD)", "COV (CD)", "MMD (CD)"], [("1nna_cd", 3), ("cov_cd", 3), ("mmd_cd", 5)]
     head = ["experiment", "step", "ρ", "CFG", "cache", "sampler steps", "seeds", *extra_h, "tokens kept",
             "GFLOPs/forward (DiT)", "TFLOPs/image (DC-DiT)", "backbone calls reused", "train TFLOPs",
-            "train s", "s/train step"]
+            "train s", "s/train step", "sampler / guidance variant"]
     lines = ["Mean over the seeds that have the row; ± half the range between them.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         sps = [s["seconds_per_step"] for s in r["seeds"].values()]
         costs = [c for c in (r.get("training") or {}).values() if c]
-        for (step, rho, S, cache, n), col in merged(results, name).items():
+        for (step, rho, S, cache, n, var), col in merged(results, name).items():
             cells = [name, str(step), f"{rho:g}", f"{S:g}", "–" if cache is None else f"{cache:g}", str(n),
                      str(len(col))]
             cells += [_fmt([c.get(k) for c in col], d) for k, d in extra]
@@ -607,7 +630,7 @@ def table(results: dict) -> str:
                       f"{np.mean(reused):.0%}" if reused else "–",
                       f"{np.mean([_at(c, step, 'train_gflops') for c in costs]) / 1e3:.2f}" if costs else "–",
                       f"{np.mean([_at(c, step, 'seconds') for c in costs]):.0f}" if costs else "–",
-                      _fmt(sps, 3)]
+                      _fmt(sps, 3), var or "–"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

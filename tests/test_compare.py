@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -149,11 +151,11 @@ def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
     tiny = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=4",
             "train.log_every=1", "train.ckpt_every=2", "train.log_with=none"]
 
-    def call(steps, num_samples, scales=("1",)):
+    def call(steps, num_samples, scales=("1",), *extra):
         assert dcgen("experiments=[digits_dit4]", f"out={out}", f"steps={steps}", "eval_every=2",
                      f"sample.num_samples={num_samples}", "sample.steps=2", f"inception={weights}",
                      "reference_limit=20", "sample.batch_size=10", f"sample.cfg_scale={scales[0]}",
-                     f"extra_cfg_scales=[{','.join(scales[1:])}]", "map_samples=0", overrides(tiny)) == 0
+                     f"extra_cfg_scales=[{','.join(scales[1:])}]", "map_samples=0", overrides(tiny), *extra) == 0
         return json.loads((out / "compare.json").read_text())["results"]["digits_dit4"]["seeds"]["0"]
 
     first = call(2, 6, ("1", "2"))
@@ -167,6 +169,18 @@ def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
     assert [e["cfg_scale"] for e in second["points"][0]["evals"]] == [1.0, 2.0]
     run_log = (out / "digits_dit4" / "seed0" / "run" / "log.txt").read_text()
     assert "step 4/4" in run_log and "resumed" in run_log
-    third = call(4, 8)  # other sampling settings: both points scored again
-    assert row2.stat().st_mtime_ns != stamp
+    # other sampling settings: both points scored again; at the last point also another sampler
+    # and a guidance interval over half the trajectory
+    third = call(4, 8, ("2",), "extra_samplers=[ddim]", "cfg_intervals=[[0.5,1]]")
     assert all(e["num_samples"] == 8 for p in third["points"] for e in p["evals"])
+    main, ddim, interval = third["points"][-1]["evals"]
+    assert ddim["sampler"] == "ddim" and interval["cfg_interval"] == [0.5, 1.0] and "sampler" not in main
+    assert ddim["fid"] != main["fid"]  # (4 steps in, guidance barely moves the samples: not compared)
+    # 2 steps, one inside [0.5, 1]: 3 branch-calls instead of 4
+    assert interval["tflops_per_image"] == pytest.approx(0.75 * main["tflops_per_image"], rel=1e-6)
+    md = (out / "compare.md").read_text()
+    assert "| ddim |" in md and "| CFG in [0.5, 1] |" in md
+    # a sampler the objective does not have: refused at the first point, before any scoring
+    assert dcgen("experiments=[digits_dit4]", f"out={out}", "steps=6", "eval_every=2", "sample.steps=2",
+                 "extra_samplers=[sde]", overrides(tiny)) == 2
+    assert not list((out / "digits_dit4" / "seed0").glob("step000006_*"))
