@@ -429,3 +429,34 @@ def test_two_process_video_evaluation_gathers_nothing(prepared, tmp_path):
     assert m["num_samples"] == 3 and m["processes"] == 2
     assert np.load(out / "samples.npy").shape[0] == 3
     assert len(list((out / "chunks").glob("data_*.npy"))) == 3
+
+
+def test_channel_normalisation_from_the_caches_posterior_statistics(prepared):
+    """`dcgen prepare` measures, per channel, the mean and std of the posterior samples the
+    training draws (E[mu], Var(mu) + E[sigma^2]) into the index; task.latent_norm=channel trains
+    on (z - mean_c) / std_c: in distribution mean 0 and std 1 per channel over the cache, and
+    decodes through the same statistics."""
+    from hydra.utils import instantiate
+
+    from dcgen.codec import VAECodec
+    root, vae, summary = prepared
+    assert len(summary["latent_mean"]) == len(summary["latent_std"]) == 4
+    task = instantiate(compose("train", [*task_args(root, vae), "task.latent_norm=channel"]).task, _convert_="all")
+    ds = task.train_dataset()
+    mu = torch.stack([ds.moments(i)[0] for i in range(len(ds))]).double()  # (N, C, T, h, w)
+    var = torch.stack([ds.moments(i)[1] for i in range(len(ds))]).double().exp()
+    m = torch.tensor(summary["latent_mean"], dtype=torch.float64).view(1, -1, 1, 1, 1)
+    s = torch.tensor(summary["latent_std"], dtype=torch.float64).view(1, -1, 1, 1, 1)
+    norm_mean = ((mu - m) / s).transpose(0, 1).reshape(4, -1).mean(1)
+    norm_second = (((mu - m) ** 2 + var) / s ** 2).transpose(0, 1).reshape(4, -1).mean(1)
+    assert torch.allclose(norm_mean, torch.zeros(4, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(norm_second, torch.ones(4, dtype=torch.float64), atol=1e-3)
+    # the dataset's draw is that normalisation of its posterior sample
+    x, _ = ds[(0, 0)]
+    plain = instantiate(compose("train", task_args(root, vae)).task, _convert_="all")
+    z = plain.train_dataset()[(0, 0)][0] / plain.scale
+    assert torch.allclose(x, ((z.double() - m[0]) / s[0]).float(), atol=1e-5)
+    # decode: through the statistics, equal to the VAE's decoding of the raw latent
+    want = VAECodec(vae, scale=1.0).decode(z.transpose(0, 1))  # frames as a batch
+    got = task.decode(x[None])[0].transpose(0, 1)
+    assert torch.allclose(got, want.clamp(-1, 1), atol=1e-4)

@@ -55,7 +55,8 @@ class VideoCodec:
     """Encode clips to posterior moments, sample scaled latents, decode latents to clips."""
 
     def __init__(self, vae=DEFAULT_VAE, kind: str = "auto", scale: float | None = None,
-                 device="cpu", dtype=torch.float32, micro_batch: int = 32):
+                 device="cpu", dtype=torch.float32, micro_batch: int = 32, latent_mean=None,
+                 latent_std=None):
         info = vae_info(vae, kind)
         self.kind = info["kind"]
         self.scale = float(info["scaling_factor"] if scale is None else scale)
@@ -64,7 +65,7 @@ class VideoCodec:
         self.micro_batch = int(micro_batch)
         if self.kind == "image":
             self.image = VAECodec(vae, scale=self.scale, device=device, dtype=dtype,
-                                  micro_batch=micro_batch)
+                                  micro_batch=micro_batch, latent_mean=latent_mean, latent_std=latent_std)
             self.vae = self.image.vae
         else:
             from diffusers import AutoencoderKLTemporalDecoder
@@ -77,7 +78,7 @@ class VideoCodec:
             self.vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
             # the temporal decoder's encoder is the image one: reuse the per-frame moments path
             self.image = VAECodec(self.vae, scale=self.scale, device=device, dtype=dtype,
-                                  micro_batch=micro_batch)
+                                  micro_batch=micro_batch, latent_mean=latent_mean, latent_std=latent_std)
 
     def latent_shape(self, frames: int, resolution: int) -> tuple[int, int, int, int]:
         """(C, T', h, w) of one clip of `frames` frames at `resolution`."""
@@ -108,7 +109,7 @@ class VideoCodec:
             x = self.image.decode(flat)  # (N T, 3, H, W)
         else:  # whole clips per call: the temporal decoder mixes the frames of one clip
             per = max(1, self.micro_batch // T) * T
-            x = torch.cat([self.vae.decode(c.to(self.device, self.dtype) / self.scale,
+            x = torch.cat([self.vae.decode(self.image.from_model(c).to(self.device, self.dtype),
                                            num_frames=T).sample.float().cpu()
                            for c in flat.split(per)])
         return x.reshape(N, T, *x.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()

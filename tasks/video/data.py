@@ -344,10 +344,13 @@ class LatentClipDataset(Dataset):
     wants_epoch = True
 
     def __init__(self, cache, scale: float, unconditional: bool = False,
-                 sample_posterior: bool = True, seed: int = 0):
+                 sample_posterior: bool = True, seed: int = 0, latent_mean=None, latent_std=None):
         self.cache, self.cache_dtype = cache, cache.manifest["settings"]["cache_dtype"]
         self.scale, self.sample_posterior = float(scale), bool(sample_posterior)
         self.unconditional, self.seed = unconditional, int(seed)
+        # latent_norm=channel: (z - mean_c) / std_c instead of scale * z
+        self.shift = None if latent_mean is None else torch.tensor(latent_mean).view(-1, 1, 1, 1)
+        self.div = None if latent_std is None else torch.tensor(latent_std).view(-1, 1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -370,7 +373,8 @@ class LatentClipDataset(Dataset):
         else:
             x = mean
         y = 0 if self.unconditional else int(arrays["label"][r])
-        return (x * self.scale).float(), torch.tensor(y, dtype=torch.int64)
+        x = x * self.scale if self.shift is None else (x - self.shift) / self.div
+        return x.float(), torch.tensor(y, dtype=torch.int64)
 
 
 def pick_reference_clips(entries: list[tuple[str, int]], n: int, seed: int

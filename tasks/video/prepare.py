@@ -18,6 +18,7 @@ lists them all. A rerun with any number of processes encodes only the shards not
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,6 +78,31 @@ def videos_per_shard(task, items: list) -> int:
                                       task.max_clips_per_video)))
     per_video = max(1.0, float(np.mean(counts))) if counts else 1.0
     return max(1, int(round(task.shard_clips / per_video)))
+
+
+def posterior_statistics(cache_dir, num_shards: int, cache_dtype: str, chunk: int = 64) -> dict:
+    """Per-channel mean and std of the latents the training draws (a posterior sample of every
+    cached clip), streamed shard by shard: mean_c = E[mu], var_c = Var(mu) + E[exp(logvar)] over
+    every clip, frame and position (float64 sums). {"latent_mean": [C], "latent_std": [C]}, or {}
+    for an empty cache; `task.latent_norm=channel` normalises with them."""
+    from .data import from_storage
+    n, s1, s2, sv = 0, None, None, None
+    for s in range(num_shards):
+        d = Path(cache_dir) / shards.shard_name(s)
+        mean, logvar = (np.load(d / f"{f}.npy", mmap_mode="r") for f in ("mean", "logvar"))
+        for a in range(0, mean.shape[0], chunk):
+            mu = from_storage(np.asarray(mean[a:a + chunk]), cache_dtype).double()  # (n, C, T, h, w)
+            var = torch.exp(from_storage(np.asarray(logvar[a:a + chunk]), cache_dtype).double())
+            mu, var = (z.transpose(0, 1).reshape(z.shape[1], -1) for z in (mu, var))  # (C, m)
+            s1 = mu.sum(1) if s1 is None else s1 + mu.sum(1)
+            s2 = (mu * mu).sum(1) if s2 is None else s2 + (mu * mu).sum(1)
+            sv = var.sum(1) if sv is None else sv + var.sum(1)
+            n += mu.shape[1]
+    if not n:
+        return {}
+    m = s1 / n
+    std = ((s2 / n - m * m).clamp_min(0) + sv / n).sqrt()
+    return {"latent_mean": m.float().tolist(), "latent_std": std.float().tolist()}
 
 
 def prepare_cache(task, processes: shards.Processes | None = None) -> dict:
@@ -151,7 +177,8 @@ def prepare_cache(task, processes: shards.Processes | None = None) -> dict:
         unreadable = sorted(n for m in metas for n in m["unreadable"])
         too_short = sorted(n for m in metas for n in m["too_short"])
         videos = sum(m["stop"] - m["start"] for m in metas) - len(unreadable) - len(too_short)
-        return {"unreadable": unreadable, "too_short": too_short, "num_videos": int(videos)}
+        return {"unreadable": unreadable, "too_short": too_short, "num_videos": int(videos),
+                **posterior_statistics(prep.dir, prep.num_shards, task.cache_dtype)}
 
     index = prep.run(encode, summarize)
     if procs.is_main:

@@ -48,7 +48,9 @@ class VideoTask(Task):
     and resized to `resolution`; clips start every `clip_hop` frames (None: back to back) and
     at most `max_clips_per_video` are kept per video (None: all), evenly spread.
     `vae`: hub id or local diffusers directory (`vae_type` auto-detects AutoencoderKL per frame or
-    AutoencoderKLTemporalDecoder); `latent_scale` None takes the VAE's `scaling_factor`.
+    AutoencoderKLTemporalDecoder); `latent_scale` None takes the VAE's `scaling_factor`;
+    `latent_norm` "channel" trains on (z − mean_c) / std_c with the per-channel statistics that
+    `dcgen prepare` measured over the cache's posterior samples (its index) instead.
     `cache_dir` None puts the cache under `root/.dcgen_cache`.
     `num_classes`: None infers it (class folders; 0 without), 0 forces unconditional.
     `shard_clips`: about this many clips per cache shard (whole videos per shard).
@@ -72,7 +74,7 @@ class VideoTask(Task):
                  fps: float = 8.0, max_preview: int = 8, max_videos: int | None = None,
                  inception_weights: str | None = None, i3d: str | None = None,
                  eval_reference_clips: int | None = None, eval_seed: int = 0, seed: int = 0,
-                 decode_workers: int = 2):
+                 decode_workers: int = 2, latent_norm: str = "scale"):
         for key, val in (("frames", frames), ("stride", stride), ("resolution", resolution),
                          ("encode_clips", encode_clips), ("micro_batch", micro_batch),
                          ("shard_clips", shard_clips)):
@@ -108,6 +110,9 @@ class VideoTask(Task):
         if self.decode_workers < 0:
             raise ValueError(f"video: decode_workers must be >= 0, got {decode_workers}")
         self._latent_scale = None if latent_scale is None else float(latent_scale)
+        if latent_norm not in ("scale", "channel"):
+            raise ValueError(f"video: latent_norm must be scale or channel, got {latent_norm!r}")
+        self.latent_norm = latent_norm
         self._num_classes_arg = None if num_classes is None else int(num_classes)
         self._codec: VideoCodec | None = None
         self._dataset: Dataset | None = None
@@ -263,10 +268,22 @@ class VideoTask(Task):
             # auto: bf16 on CUDA (the VAE is the cost of prepare), float32 on the CPU
             dtype = self.vae_dtype if self.vae_dtype != "auto" else (
                 "bfloat16" if dev.type == "cuda" else "float32")
+            mean, std = self.channel_statistics()
             self._codec = VideoCodec(self.vae, kind=self.vae_type, scale=self.scale, device=dev,
-                                     dtype=getattr(torch, dtype),
-                                     micro_batch=self.micro_batch)
+                                     dtype=getattr(torch, dtype), micro_batch=self.micro_batch,
+                                     latent_mean=mean, latent_std=std)
         return self._codec
+
+    def channel_statistics(self) -> tuple:
+        """(latent_mean, latent_std) of the cache with latent_norm=channel (measured by prepare over
+        the posterior samples the training draws), else (None, None)."""
+        if self.latent_norm != "channel":
+            return None, None
+        index = self._index()
+        if index is None or "latent_mean" not in index:
+            raise ValueError(f"video cache {self.cache_path}: no per-channel statistics (written by dcgen "
+                             "prepare since 2026-12-07); rerun dcgen prepare or use task.latent_norm=scale")
+        return index["latent_mean"], index["latent_std"]
 
     def prepare(self, seed: int = 0) -> dict:
         """Encode every clip into the cache (multi-process safe, resumable; `prepare.py`).
@@ -290,8 +307,10 @@ class VideoTask(Task):
             if shape != (self.channels, *self.grid):
                 raise ValueError(f"video cache {cache.dir}: clips are {shape}, the task expects "
                                  f"{(self.channels, *self.grid)}")
+            mean, std = self.channel_statistics()
             self._dataset = LatentClipDataset(cache, self.scale, unconditional=self.num_classes == 0,
-                                              sample_posterior=self.sample_posterior, seed=self.seed)
+                                              sample_posterior=self.sample_posterior, seed=self.seed,
+                                              latent_mean=mean, latent_std=std)
         return self._dataset
 
     @property
