@@ -233,3 +233,34 @@ def test_pixel_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         PixelTask(num_classes=5)
     assert PixelTask(num_classes=0).train_dataset()[11][1] == 0
+
+
+def test_dcgen_evaluate_on_digits_gives_fid_against_the_training_images(tmp_path):
+    """`dcgen evaluate ... evaluate.reference=train` on a pixel task: the class accuracy and the
+    image metrics against the task's own training images (written once as an ADM .npz); without
+    a reference, no Inception is loaded."""
+    import json
+
+    import numpy as np
+
+    from dcgen.cli import main
+    from dcgen.metrics import save_random_inception_weights
+    weights = save_random_inception_weights(tmp_path / "inception.pt")
+    rd = tmp_path / "run"
+    assert main(["train", "model=dcdit_debug", "train.max_steps=1", "train.global_batch_size=8",
+                 "train.sample_every=0", "train.log_with=none", f"run_dir={rd}"]) == 0
+    ev = tmp_path / "ev"
+    assert main(["evaluate", f"run_dir={rd}", "num_samples=6", "steps=2", "batch_size=6", f"out_dir={ev}",
+                 "evaluate.reference=train", "evaluate.reference_limit=12", f"evaluate.inception_weights={weights}",
+                 "evaluate.metrics=[fid]",
+                 "evaluate.num_workers=0", "evaluate.cache_dir=false"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert np.isfinite(m["fid"]) and m["fid"] > 0 and 0 <= m["class_accuracy"] <= 1
+    with np.load(ev / "reference_train.npz") as z:
+        assert z["arr_0"].shape == (12, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+    assert m["num_reference"] == 12 and m["num_generated"] == 6
+    plain = tmp_path / "plain"
+    assert main(["evaluate", f"run_dir={rd}", "num_samples=6", "steps=2", "batch_size=6", f"out_dir={plain}",
+                 "evaluate.inception_weights=/nonexistent.pt"]) == 0
+    m2 = json.loads((plain / "metrics.json").read_text())
+    assert "fid" not in m2 and 0 <= m2["class_accuracy"] <= 1

@@ -178,29 +178,55 @@ class PixelTask(Task):
         return paths
 
     def evaluate(self, samples: torch.Tensor | None, out_dir: str | Path, labels=None,
-                 **kwargs: Any) -> dict:
+                 reference=None, reference_limit: int | None = None, **kwargs: Any) -> dict:
         """Digits and glyphs: `class_accuracy`, the fraction of samples that a classifier fitted on
         that source (digits: the digits; glyphs: renderings it does not train on) reads as the
         label they were conditioned on (`labels`, else `out_dir/labels.npy`;
-        samples None: `out_dir/samples.npy`). {} for other sources and unlabelled samples.
-        FID/IS for pixel images are not computed here (dcgen.metrics.evaluate_images reads the
-        `images/` folder written by `write_samples`)."""
-        if self.source not in ("digits", "glyphs") or self.num_classes == 0:
-            return {}
+        samples None: `out_dir/samples.npy`).
+
+        With `reference` (`evaluate.reference`): also the image metrics of
+        dcgen.metrics.evaluate_images (FID, IS, KID, PR, sFID, fd_<name>) against it: a folder of
+        images, an ADM .npz, or `train`, this task's own training images (the first
+        `reference_limit`, default all, written as `out_dir/reference_train.npz`). The other
+        `evaluate:` keys are that function's.
+        Without a reference no Inception is loaded (offline by default)."""
+        import numpy as np
+        out = Path(out_dir)
+        result: dict = {}
+        if samples is None and (out / "samples.npy").is_file():
+            samples = np.load(out / "samples.npy")
+        if self.source in ("digits", "glyphs") and self.num_classes > 0:
+            from .glyphs import glyph_class_accuracy
+            from .metrics import digit_class_accuracy
+            if labels is None and (out / "labels.npy").is_file():
+                labels = np.load(out / "labels.npy")
+            if labels is not None and samples is not None:
+                result["class_accuracy"] = (glyph_class_accuracy(samples, labels, self.resolution)
+                                            if self.source == "glyphs" else digit_class_accuracy(samples, labels))
+        if reference is not None and samples is not None:
+            from dcgen.metrics import evaluate_images
+            if str(reference) == "train":
+                reference = self.reference_npz(out / "reference_train.npz", reference_limit)
+            x = torch.as_tensor(np.asarray(samples)).float()
+            rgb = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+            result.update(evaluate_images(samples=rgb.clamp(-1, 1), out_dir=out, reference=reference, **kwargs))
+        return result
+
+    def reference_npz(self, path: str | Path, limit: int | None = None) -> Path:
+        """This task's training images (the first `limit`) as an ADM .npz (uint8 NHWC RGB): the
+        FID reference of `evaluate.reference=train` and of `dcgen compare`."""
         import numpy as np
 
-        from .glyphs import glyph_class_accuracy
-        from .metrics import digit_class_accuracy
-        out = Path(out_dir)
-        if labels is None:
-            if not (out / "labels.npy").is_file():
-                return {}
-            labels = np.load(out / "labels.npy")
-        if samples is None:
-            samples = np.load(out / "samples.npy")
-        if self.source == "glyphs":
-            return {"class_accuracy": glyph_class_accuracy(samples, labels, self.resolution)}
-        return {"class_accuracy": digit_class_accuracy(samples, labels)}
+        from dcgen.metrics import to_uint8_nhwc
+        path = Path(path)
+        ds = self.train_dataset()
+        n = len(ds) if limit is None else min(int(limit), len(ds))
+        x = torch.stack([ds[i][0] for i in range(n)])
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, arr_0=to_uint8_nhwc(x))
+        return path
 
     def describe(self) -> dict:
         d = super().describe()
