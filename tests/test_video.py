@@ -460,3 +460,33 @@ def test_channel_normalisation_from_the_caches_posterior_statistics(prepared):
     want = VAECodec(vae, scale=1.0).decode(z.transpose(0, 1))  # frames as a batch
     got = task.decode(x[None])[0].transpose(0, 1)
     assert torch.allclose(got, want.clamp(-1, 1), atol=1e-4)
+
+
+def test_dc_ae_per_frame_codec_prepare_train_and_decode(video_data, tmp_path):
+    """The video task takes DC-AE per frame (vae_type auto reads AutoencoderDC from config.json):
+    the latent grid follows its 4x downsampling and 8 channels, its cached log-variance is -inf
+    (deterministic: a draw is the latent), a short training run and the decode work."""
+    from hydra.utils import instantiate
+
+    from dcgen.codec import tiny_autoencoder_dc
+    from dcgen.tasks.video.codec import vae_info
+    from dcgen.train import train
+    root, _ = video_data
+    vae = tmp_path / "dcae"
+    tiny_autoencoder_dc(seed=0, width=8).save_pretrained(str(vae))
+    assert vae_info(vae) == {"kind": "image", "class_name": "AutoencoderDC", "latent_channels": 8,
+                             "downsample": 4, "scaling_factor": 0.5}
+    args = task_args(root, vae, f"task.cache_dir={tmp_path / 'cache'}")
+    run("prepare", args)
+    task = instantiate(compose("train", args).task, _convert_="all")
+    assert task.channels == 8 and task.grid == (FRAMES, SIZE // 4, SIZE // 4)
+    ds = task.train_dataset()
+    mean, logvar = ds.moments(0)
+    assert bool(torch.isinf(logvar).all()) and torch.equal(ds[(0, 0)][0], ds[(0, 1)][0])  # no noise
+    assert torch.allclose(ds[(0, 0)][0], mean * 0.5)
+    rd = tmp_path / "run"
+    train(compose("train", [*args, "model=dcdit_debug", "train.max_steps=1", "train.global_batch_size=2",
+                            "train.sample_every=0", "train.ckpt_every=0", "train.log_with=none",
+                            "dc.ratio_group_size=2", f"run_dir={rd}"]))
+    clips = task.decode(ds[(0, 0)][0][None])
+    assert clips.shape == (1, 3, FRAMES, SIZE, SIZE) and clips.abs().max() <= 1

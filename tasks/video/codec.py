@@ -1,8 +1,9 @@
 """Video latent codecs: clips (N, 3, T, H, W) in [-1, 1] <-> posterior moments (N, C, T', h, w).
 
 kinds (picked from the VAE's `config.json` `_class_name` when `kind="auto"`):
-- image: a diffusers `AutoencoderKL` (SD-VAE by default) applied frame by frame through
-  `dcgen.codec.VAECodec` (T' = T, 8x spatial downsampling, scale 0.18215).
+- image: a diffusers `AutoencoderKL` (SD-VAE by default) or `AutoencoderDC` (DC-AE, deterministic:
+  its cached log-variance is -inf, so a "posterior sample" is its latent) applied frame by frame
+  through `dcgen.codec.VAECodec` (T' = T; the model's own downsampling and scaling factor).
 - svd: `AutoencoderKLTemporalDecoder` (Stable Video Diffusion): the same per-frame image
   encoder, so the latents have the image layout, but a decoder that mixes frames (smoother
   motion); decoding needs whole clips.
@@ -19,7 +20,7 @@ import torch
 
 from dcgen.codec import DEFAULT_VAE, VAECodec
 
-KIND_OF_CLASS = {"AutoencoderKL": "image", "AutoencoderKLTemporalDecoder": "svd"}
+KIND_OF_CLASS = {"AutoencoderKL": "image", "AutoencoderDC": "image", "AutoencoderKLTemporalDecoder": "svd"}
 KINDS = tuple(sorted(set(KIND_OF_CLASS.values())))
 
 
@@ -46,8 +47,10 @@ def vae_info(vae, kind: str = "auto") -> dict:
         kind = KIND_OF_CLASS[cls]
     if kind not in KINDS:
         raise ValueError(f"video: vae_type must be 'auto' or one of {list(KINDS)}, got '{kind}'")
+    blocks = cfg.get("encoder_block_out_channels" if cls == "AutoencoderDC" else "block_out_channels",
+                     (0, 0, 0, 0))
     return {"kind": kind, "class_name": cls, "latent_channels": int(cfg.get("latent_channels", 4)),
-            "downsample": 2 ** (len(cfg.get("block_out_channels", (0, 0, 0, 0))) - 1),
+            "downsample": 2 ** (len(blocks) - 1),
             "scaling_factor": float(cfg.get("scaling_factor", 0.18215))}
 
 
