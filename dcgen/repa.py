@@ -23,9 +23,10 @@ The encoder (`repa.encoder`), frozen, evaluated under no_grad, on the clean trai
   feature map (B, d, h, w) or patch tokens (B, h*w, d) (a square); a program you trust, like the
   FID Inception file;
 - `timm:NAME` — a timm model with pretrained weights (`pip install timm`), e.g.
-  `timm:vit_base_patch14_dinov2.lvd142m` (REPA's DINOv2-B); its prefix tokens (class,
-  registers) are dropped, its own mean/std and input size used. Downloaded once into the Hub
-  cache; not exercised by the offline tests.
+  `timm:vit_base_patch14_dinov2.lvd142m` (REPA's DINOv2-B, with `repa.encoder_size=224` as REPA
+  feeds it), downloaded once into the Hub cache, or `timm:NAME@/path/weights.safetensors` for
+  local weights of that architecture (safetensors only); its prefix tokens (class, registers)
+  are dropped, its own mean/std and input size used.
 
 The projector is a submodule of the trained model (`repa_projector`), so DDP, the optimizer,
 the EMA and the checkpoints carry it with no special case; the export leaves it out (it is a
@@ -115,8 +116,9 @@ def _as_map(f: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
     return f.transpose(1, 2).reshape(f.shape[0], f.shape[2], side, side)
 
 
-def load_encoder(spec: str, device="cpu") -> Encoder:
-    """The frozen encoder `repa.encoder` names (module docstring)."""
+def load_encoder(spec: str, device="cpu", size: int | None = None) -> Encoder:
+    """The frozen encoder `repa.encoder` names (module docstring); `size`: a timm model's input
+    side (`repa.encoder_size`; None: its own)."""
     kind, _, arg = str(spec).partition(":")
     if kind == "random":
         module = RandomEncoder(int(arg or 32))
@@ -135,9 +137,23 @@ def load_encoder(spec: str, device="cpu") -> Encoder:
             import timm
         except ImportError:
             raise ValueError(f"repa.encoder={spec} needs timm (pip install timm)") from None
-        module = timm.create_model(arg, pretrained=True, num_classes=0)
+        name, _, file = arg.partition("@")
+        kwargs = {"num_classes": 0}
+        if size:
+            kwargs["img_size"] = int(size)
+        if file:  # local weights: a safetensors file only (no pickle is ever opened)
+            from pathlib import Path
+            path = Path(file).expanduser()
+            if path.suffix != ".safetensors" or not path.is_file():
+                raise ValueError(f"repa.encoder={spec}: the weights must be an existing .safetensors file")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        try:
+            module = timm.create_model(name, pretrained=True, **kwargs)
+        except RuntimeError as e:  # no such model, wrong keys or shapes
+            raise ValueError(f"repa.encoder={spec}: {str(e).splitlines()[0]}") from None
         cfg = module.pretrained_cfg
-        enc = Encoder(module.forward_features, module.num_features, int(cfg["input_size"][-1]),
+        img = getattr(getattr(module, "patch_embed", None), "img_size", None) or cfg["input_size"][-2:]
+        enc = Encoder(module.forward_features, module.num_features, int(img[-1]),
                       tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))),
                       int(getattr(module, "num_prefix_tokens", 0)))
         enc.owner = module  # kept for .to() / eval()
@@ -199,7 +215,8 @@ class Repa:
                              f"{tuple(model.token_grid)}")
         if not cfg.encoder:
             raise ValueError("repa.weight > 0 needs repa.encoder (random:WIDTH, torchscript:PATH or timm:NAME)")
-        self.encoder = load_encoder(cfg.encoder, device)
+        size = cfg.get("encoder_size") if hasattr(cfg, "get") else getattr(cfg, "encoder_size", None)
+        self.encoder = load_encoder(cfg.encoder, device, size)
         self.task, self.token_grid = task, tuple(model.token_grid)
         width = model.blocks[0].adaLN_modulation[-1].in_features
         setattr(model, PROJECTOR, Projector(width, int(cfg.projector_dim), self.encoder.width))

@@ -143,6 +143,8 @@ class Repa:
     depth: int = key(8, int_(1), "the block whose output is aligned, 1-based (REPA: 8 of 28)")
     encoder: Optional[str] = key(None, None, "random:WIDTH (tests), torchscript:PATH or timm:NAME "
                                  "(e.g. timm:vit_base_patch14_dinov2.lvd142m)")
+    encoder_size: Optional[int] = key(None, optional(int_(1)), "timm encoders: input side (null: the model's own; "
+                                      "REPA feeds DINOv2 224)")
     projector_dim: int = key(2048, int_(1), "hidden width of the projector MLP")
 
 

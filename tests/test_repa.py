@@ -163,3 +163,24 @@ def test_a_20_step_toy_run_lowers_the_loss_and_the_export_has_no_projector(tmp_p
     capsys.readouterr()
     assert main(["train", f"run_dir={rd}", "train.max_steps=22"]) == 2
     assert "refusing repa.encoder=torchscript:" in capsys.readouterr().err
+
+
+def test_a_timm_encoder_from_a_local_safetensors_file(tmp_path):
+    """timm:NAME@FILE builds timm's architecture and loads a local safetensors file (no download,
+    no pickle); its class token is dropped and its patch tokens become the feature map."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    save_file(ref.state_dict(), tmp_path / "vit.safetensors")
+    enc = load_encoder(f"timm:vit_tiny_patch16_224@{tmp_path / 'vit.safetensors'}", size=32)
+    assert enc.width == 192 and enc.input_size == 32 and enc.prefix_tokens == 1
+    assert all(not p.requires_grad for p in enc.owner.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    f = enc.features(x)
+    with torch.no_grad():  # the same numbers as timm's own forward on the normalised images
+        want = ref.forward_features(((x + 1) / 2 - 0.5) / 0.5)[:, 1:]
+    assert f.shape == (2, 192, 2, 2) and torch.allclose(f.flatten(2).transpose(1, 2), want, atol=1e-5)
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(ValueError, match="existing .safetensors file"):
+        load_encoder(f"timm:vit_tiny_patch16_224@{tmp_path / 'vit.pth'}", size=32)
