@@ -204,6 +204,28 @@ def config_diff(old: DictConfig, new: DictConfig, ignore=("run_dir",)) -> list[t
     return diffs
 
 
+def added_at_default(key: str, value, stored: DictConfig) -> bool:
+    """True for a key the stored config lacks (its run started before dcgen had the key) that
+    the command sets to the value dcgen uses in its absence: a command key at its schema default,
+    or a task / model / objective / optim constructor argument at the default of the class the
+    stored node names (through the exact class tables). New keys arrive with the old behaviour
+    as their default, so such a key does not change the run: the identical command still resumes."""
+    top, _, rest = key.partition(".")
+    if top in ("task", "model", "objective", "optim"):
+        if not rest or "." in rest:  # nested dicts of a constructor argument: not compared
+            return False
+        from .trust import TABLES, resolve_class
+        node = stored.get(top)
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if target not in TABLES[top]:
+            return False
+        param = inspect.signature(resolve_class(top, target).__init__).parameters.get(rest)
+        return param is not None and param.default is not inspect.Parameter.empty and param.default == value
+    from .schema import schema
+    defaults = flat(OmegaConf.structured(schema("train")))
+    return key in defaults and defaults[key] == value
+
+
 def _shown_diffs(diffs, limit: int = 12) -> str:
     parts = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:limit]]
     if len(diffs) > limit:
@@ -238,7 +260,8 @@ def compose_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
     else:
         cfg = compose("train", overrides, record_choices=True)
         ignore = ("run_dir",) if "choices" in stored else ("run_dir", "choices")
-        changed = config_diff(stored, cfg, ignore=ignore)
+        changed = [d for d in config_diff(stored, cfg, ignore=ignore)
+                   if not (d[1] == "<absent>" and added_at_default(d[0], d[2], stored))]
         fixed = [d for d in changed if not is_restart_key(d[0])]
         if fixed:
             raise ConfigError(f"run dir {run_dir} was started with another config; this command "

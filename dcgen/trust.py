@@ -270,7 +270,8 @@ def check_file_config(cfg, where: str, targets: bool = True) -> None:
             check_plain({key: value}, where, "")
 
 
-def _resolve(kind: str, target: str):
+def resolve_class(kind: str, target: str):
+    """The class an accepted `_target_` of a `kind` node names (TABLES), imported now."""
     module, attr = TABLES[kind][target]
     return getattr(importlib.import_module(module), attr)
 
@@ -305,7 +306,7 @@ def build(node, kind: str, where: str, trusted: bool = False, **fill):
     partial = bool(node.pop("_partial_", False))
     for k, v in fill.items():
         node.setdefault(k, v)
-    cls = _resolve(kind, target)
+    cls = resolve_class(kind, target)
     if partial:
         return functools.partial(cls, **node)
     try:

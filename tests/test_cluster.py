@@ -418,3 +418,23 @@ def test_model_rejects_wrong_grid_and_labels_with_a_clear_error(arch):
         m(torch.zeros(2, 3, 8, 8), t, torch.tensor([3, -1]))
     out, _ = m(torch.zeros(2, 3, 8, 8), t, torch.tensor([3, 10]))  # 10 = the null label
     assert out.shape[:2] == (2, 6)
+
+
+def test_a_run_from_before_a_key_existed_resumes_with_the_identical_command(tmp_path):
+    """A run dir whose stored config predates keys dcgen added since (here the `repa` node and
+    the toy task's `seed`) resumes with the identical command: the new keys come at their
+    defaults, the old behaviour. The same key at another value is still refused."""
+    rd = tmp_path / "run"
+    cmd = [*TOY, "train.ckpt_every=2"]
+    main(["train", *cmd, "train.max_steps=2", f"run_dir={rd}"])
+    stored = yaml.safe_load((rd / "config.yaml").read_text())
+    del stored["repa"], stored["task"]["seed"]
+    (rd / "config.yaml").write_text(yaml.safe_dump(stored))
+    p = cli(["train", *cmd, "train.max_steps=3", "repa.weight=0.5", "repa.encoder=random:8", f"run_dir={rd}"],
+            check=False)
+    assert p.returncode == 2 and "repa.weight: '<absent>' -> 0.5" in p.stderr
+    p = cli(["train", *cmd, "task.seed=1", "train.max_steps=3", f"run_dir={rd}"], check=False)
+    assert p.returncode == 2 and "task.seed: '<absent>' -> 1" in p.stderr
+    p = cli(["train", *cmd, "train.max_steps=4", f"run_dir={rd}"])
+    assert "resumed from" in p.stderr and latest_checkpoint(rd).name == "step_00000004"
+    assert "repa" in yaml.safe_load((rd / "config.yaml").read_text())
