@@ -27,3 +27,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def toy6(tmp_path_factory):
+    """The uninterrupted 6-step TOY run (tests/test_train.py) that the kill, signal and requeue
+    tests must reproduce bit for bit (checkpoint frequency does not change the weights):
+    trained once per session."""
+    from test_train import TOY, run_cli
+    ref = tmp_path_factory.mktemp("toy6") / "run"
+    run_cli(["train", *TOY, "train.max_steps=6", "train.ckpt_every=0", f"run_dir={ref}"])
+    return ref

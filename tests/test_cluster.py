@@ -15,7 +15,7 @@ import yaml
 
 from dcgen.checkpoint import latest_checkpoint
 from dcgen.cli import main
-from test_train import final_weights, run_cli, toy6  # noqa: F401 (a fixture)
+from test_train import final_weights, run_cli
 
 PY = sys.executable
 TOY = ["task=toy", "task.grid=[8,8]", "task.num_samples=64", "model=dcdit_debug",

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dcgen.checkpoint import latest_checkpoint
 from dcgen.cli import compose, main
 
-from test_train import PY, TOY, assert_identical, final_weights, run_cli, toy6  # noqa: F401 (a fixture)
+from test_train import PY, TOY, assert_identical, final_weights, run_cli
 
 
 @pytest.fixture(scope="module")

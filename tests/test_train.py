@@ -37,15 +37,6 @@ def final_weights(run_dir):
     return load_file(ck / "model.safetensors"), load_file(ck / "ema.safetensors"), ck
 
 
-@pytest.fixture(scope="session")
-def toy6(tmp_path_factory):
-    """The uninterrupted 6-step TOY run that the kill, signal and requeue tests must reproduce
-    bit for bit (checkpoint frequency does not change the weights): trained once per session."""
-    ref = tmp_path_factory.mktemp("toy6") / "run"
-    run_cli(["train", *TOY, "train.max_steps=6", "train.ckpt_every=0", f"run_dir={ref}"])
-    return ref
-
-
 def assert_identical(a, b):
     assert a.keys() == b.keys()
     for k in a:
