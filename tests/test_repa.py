@@ -184,3 +184,18 @@ def test_a_timm_encoder_from_a_local_safetensors_file(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "vit.pth")
     with pytest.raises(ValueError, match="existing .safetensors file"):
         load_encoder(f"timm:vit_tiny_patch16_224@{tmp_path / 'vit.pth'}", size=32)
+
+
+def test_the_stand_in_encoder_is_fitted_on_the_task_and_loads_as_an_encoder(tmp_path):
+    """fit_standin_encoder: a small CNN fitted to the task's own training images, saved as
+    TorchScript; it reads the digits well above chance and loads through torchscript:PATH."""
+    from dcgen.cli import compose
+    from dcgen.repa import fit_standin_encoder
+    from dcgen.trust import build
+    task = build(compose("train", ["task=pixel"]).task, "task", "test", trusted=True)
+    info = fit_standin_encoder(task, tmp_path / "standin.pt", steps=100, seed=0)
+    assert info["train_accuracy"] > 0.25, info  # 10 classes: chance is 0.1 (600 steps: 0.95)
+    enc = load_encoder(f"torchscript:{tmp_path / 'standin.pt'}")
+    assert enc.width == 64 and enc.features(torch.zeros(2, 1, 32, 32)).shape == (2, 64, 8, 8)
+    with pytest.raises(ValueError, match="class-conditional"):
+        fit_standin_encoder(SimpleNamespace(num_classes=0), tmp_path / "x.pt")
