@@ -18,7 +18,7 @@ every point; `extra_cfg_scales` are scored at the last point (ρ = 0). Writes OU
 OUT/compare.md (mean over seeds and the spread), OUT/quality_vs_steps.png,
 OUT/quality_vs_training_cost.png, OUT/quality_vs_inference_tflops.png (the Pareto chart),
 OUT/samples_side_by_side.png, OUT/kept_fraction_vs_t.png (every DC-DiT beside the paper's curve),
-and for DC-DiT runs boundary maps and kept-fraction-vs-t under OUT/E/seedS/maps. `train_overrides=[k=v,...]` go to every training run.
+and for DC-DiT runs boundary maps and kept-fraction-vs-t under OUT/E/seedS/maps. `train_overrides=['k=v',...]` go to every training run (each element quoted: Hydra's list grammar refuses an unquoted `=`).
 `baselines=[token,params,flops]` adds, for every DC-DiT experiment E, the DiT baselines that
 dcgen/matching.py builds by those rules, trained as experiments `E@token`, `E@params`, `E@flops`;
 before training, the command prints every experiment's parameters, forward GFLOPs (both
