@@ -228,17 +228,62 @@ def cached_row(d: Path, cfg: DictConfig) -> dict | None:
     return row if row.get("settings") == eval_settings(cfg) else None
 
 
-def seconds_per_step(run_dir: Path) -> float | None:
+def seconds_per_step(run_dir: Path, after_step: int | None = None) -> float | None:
     """From the run's metrics records (samples/s at each log step) and its global batch: the
-    training speed, logging steps only."""
+    training speed, logging steps only (those after `after_step` when given)."""
     from .config import load_run_config
     run = Run(run_dir)
     G = int(load_run_config(run.config_file).train.global_batch_size)
-    rates = [rec["samples_per_s"] for rec in run.read_metrics() if "samples_per_s" in rec]
+    rates = [rec["samples_per_s"] for rec in run.read_metrics()
+             if "samples_per_s" in rec and (after_step is None or rec["step"] > after_step)]
     if not rates:
         return None
-    rates = rates[1:] or rates  # the first window includes start-up
+    if after_step is None:
+        rates = rates[1:] or rates  # the first window includes start-up
     return G / float(np.median(rates))
+
+
+def _experiment_order(name: str) -> tuple:
+    base, _, rule = name.partition(BASELINE_SEP)
+    rules = ["", "token", "params", "flops", UPCYCLE]
+    return (base, rules.index(rule) if rule in rules else len(rules), rule)
+
+
+def trained_runs(out: Path, seed: int, experiments: list[str] | None = None) -> dict[str, Path]:
+    """{experiment: run dir} of a comparison's runs of `seed` that have started (a stored
+    config): the named experiments, or every one under `out`, each DC-DiT before its baselines."""
+    names = experiments or sorted((d.name for d in Path(out).iterdir() if d.is_dir()), key=_experiment_order)
+    runs = {}
+    for e in names:
+        run = Run(Path(out) / e / f"seed{seed}" / "run")
+        if run.has_config():
+            runs[e] = run.root
+        elif experiments:
+            raise SystemExit(f"compare: {e} has no run of seed {seed} under {out}")
+    return runs
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of run dir `src` at `dst` (config, metrics, checkpoints), to train further without
+    touching the original."""
+    import shutil
+    shutil.copytree(src, dst, symlinks=False)
+    return Path(dst)
+
+
+def resume_copy(run_dir: Path, steps: int, threads: int, log_every: int) -> int:
+    """Resume `run_dir` (a copy: see copy_run) for `steps` more steps in this process with the
+    given threads and log interval, no previews and no checkpoint until the end; returns the step
+    it started from (the last logged step)."""
+    from .config import compose_resume
+    from .train import train
+    done = [rec["step"] for rec in Run(run_dir).read_metrics()]
+    start = max(done) if done else 0
+    cfg, _ = compose_resume(Path(run_dir), [f"run_dir={run_dir}", f"train.max_steps={start + steps}",
+                                            f"train.num_threads={threads}", f"train.log_every={log_every}",
+                                            "train.sample_every=0", f"train.ckpt_every={start + steps}"])
+    train(cfg)
+    return start
 
 
 def boundary_maps(run_dir: Path, cfg: DictConfig, seed: int, out: Path) -> None:
@@ -555,7 +600,7 @@ def side_by_side(results: dict, runs: Path, out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), squeeze=False)
     for ax, (name, img) in zip(axes[0], panels):
-        ax.imshow(img)
+        ax.imshow(img, cmap="gray" if img.mode in ("L", "I", "F") else None)  # grey images in grey, not viridis
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.tight_layout()

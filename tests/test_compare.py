@@ -184,3 +184,39 @@ def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
     assert dcgen("experiments=[digits_dit4]", f"out={out}", "steps=6", "eval_every=2", "sample.steps=2",
                  "extra_samplers=[sde]", overrides(tiny)) == 2
     assert not list((out / "digits_dit4" / "seed0").glob("step000006_*"))
+
+
+def test_speed_driver_trains_a_copy_and_times_only_the_new_steps(toy6, tmp_path):
+    """tools/bench_train_speed.py's pieces: the comparison's runs in order (each DC-DiT before
+    its baselines), a copy trained further without touching the original, and seconds per step
+    read from the records after a given step only."""
+    import hashlib
+    from omegaconf import OmegaConf
+    from dcgen.compare import copy_run, resume_copy, seconds_per_step, trained_runs
+    from dcgen.run import Run
+
+    out = tmp_path / "cmp"
+    for e in ["e@flops", "e", "e@upcycle", "e@token", "e@params", "f"]:
+        Run(out / e / "seed0" / "run").write_config(OmegaConf.create({}))
+    (out / "g" / "seed1" / "run").mkdir(parents=True)  # another seed's run only
+    assert list(trained_runs(out, 0)) == ["e", "e@token", "e@params", "e@flops", "e@upcycle", "f"]
+    with pytest.raises(SystemExit, match="g has no run of seed 0"):
+        trained_runs(out, 0, ["e", "g"])
+
+    def digest(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    before = digest(toy6)
+    copy = copy_run(toy6, tmp_path / "copy")
+    start = resume_copy(copy, 4, 1, 2)
+    assert start == 6
+    records = Run(copy).read_metrics()
+    assert [r["step"] for r in records if r["step"] > 6] == [8, 10]
+    assert digest(toy6) == before  # the original run is untouched
+    # the speed of the new steps only, whatever the old ones were
+    timed = Run(tmp_path / "timed")
+    timed.write_config(OmegaConf.create({"train": {"global_batch_size": 8}}))
+    for step, rate in [(2, 1.0), (4, 10.0), (6, 10.0), (8, 10.0), (10, 80.0), (12, 40.0)]:
+        timed.append_metrics({"step": step, "samples_per_s": rate})
+    assert seconds_per_step(timed.root) == pytest.approx(8 / 10.0)  # first window dropped
+    assert seconds_per_step(timed.root, after_step=8) == pytest.approx(8 / 60.0)
