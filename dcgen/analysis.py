@@ -5,8 +5,8 @@
   per budget and one plot comparing the budgets (the trend of [P2] Fig. 3).
 - `label_information`: how much the class label can tell a denoiser, per timestep, for the exact
   posterior of a training set's empirical distribution.
-- `routing_profile` / `stripes`: where a DC-DiT's router keeps tokens at clean t (per token-grid
-  row and column, and on a constant image) and the FID it reaches (docs/results.md, stripes).
+- `routing_profile` / `stripes`: where a DC-DiT's router keeps tokens (background against detail,
+  per token-grid row and column, and on a constant image) and the FID it reaches (docs/results.md).
 """
 from __future__ import annotations
 
@@ -162,10 +162,26 @@ def load_ema(run_dir, step: int | None = None):
     return model.eval(), objective, task
 
 
+def uniform_patches(x0: torch.Tensor, token_grid, tol: float = 1e-3) -> torch.Tensor:
+    """(n, *token_grid) bool: True where the data under a token (its patch, all channels) is
+    uniform, every value within `tol` of each other: background; False where it holds detail.
+    The data grid must be a whole multiple of the token grid."""
+    g = tuple(int(v) for v in token_grid)
+    data = tuple(x0.shape[2:])
+    if len(data) != len(g) or any(d % t for d, t in zip(data, g)):
+        raise ValueError(f"data grid {data} is not a whole multiple of the token grid {g}")
+    p = [d // t for d, t in zip(data, g)]
+    n, c, k = x0.shape[0], x0.shape[1], len(g)
+    x = x0.reshape(n, c, *[v for gp in zip(g, p) for v in gp])  # n, c, g0, p0, g1, p1, ...
+    x = x.permute(0, *[2 + 2 * i for i in range(k)], 1, *[3 + 2 * i for i in range(k)]).reshape(n, *g, -1)
+    return (x.amax(-1) - x.amin(-1)) <= tol
+
+
 @torch.no_grad()
 def routing_profile(model, objective, task, timesteps=(0, 50, 200), n: int = 256) -> dict:
-    """The router's kept fraction on the first `n` training items noised at each t: overall, per
-    token-grid column and row, and for a constant (all-background) image."""
+    """The router's kept fraction on the first `n` training items noised at each t: overall, on
+    tokens over uniform data (background) and over detail (uniform_patches of the clean item),
+    per token-grid column and row, and for a constant (all-background) image."""
     ds = task.train_dataset()
     items = [ds[i] for i in range(min(n, len(ds)))]
     x0 = torch.stack([x for x, _ in items]).float()
@@ -182,7 +198,11 @@ def routing_profile(model, objective, task, timesteps=(0, 50, 200), n: int = 256
         kept = aux.boundary_mask.float().view(n, *g)
         const = torch.full((1, *x0.shape[1:]), -1.0)
         kc = model(const, tt[:1], y0[:1])[1][0].boundary_mask.view(*g)
+        background = uniform_patches(x0, g)
         out[int(t)] = {"kept": float(kept.mean()),
+                       "background_share": float(background.float().mean()),
+                       "background_kept": float(kept[background].mean()) if background.any() else None,
+                       "detail_kept": float(kept[~background].mean()) if (~background).any() else None,
                        "column_kept": [round(float(v), 3) for v in kept.mean((0, 1))],
                        "row_kept": [round(float(v), 3) for v in kept.mean((0, 2))],
                        "constant_image_kept": float(kc.float().mean()),

@@ -312,7 +312,7 @@ def test_digits_experiments_build_on_the_pixel_task():
     from hydra.utils import instantiate
 
     from dcgen.train import build_model
-    assert len(DIGITS) == 10 and len(GLYPHS) == 3
+    assert len(DIGITS) == 10 and len(GLYPHS) == 5
     for name in DIGITS + GLYPHS:
         cfg = compose("train", [f"experiment={name}"])
         task = instantiate(cfg.task, _convert_="all")
