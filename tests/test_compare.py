@@ -38,7 +38,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
                  "sample.num_samples=6", "sample.steps=2", "tail_drops=[0,0.5]", f"inception={weights}",
                  "reference_limit=12", "sample.batch_size=6", "seeds=[0,1]", "jobs=2", "sample.cfg_scale=2",
                  "extra_cfg_scales=[1]", "cache_thresholds=[1e6]", "extra_sample_steps=[1]", "map_samples=2",
-                 overrides(tiny)) == 0
+                 "lite_cfg=[0.5]", overrides(tiny)) == 0
     summary = json.loads((out / "compare.json").read_text())
     dc, dit = summary["results"]["digits_dcdit"]["seeds"], summary["results"]["digits_dcdit@token"]["seeds"]
     sizes = summary["models"]
@@ -53,9 +53,12 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         assert [p["step"] for p in dc[seed]["points"]] == [2, 4]
         last = dc[seed]["points"][-1]["evals"]
         # budgets at the last point (DC-DiT only), with and without the cache; the second scale
-        # and the shorter sampler at rho 0
+        # and the shorter sampler at rho 0; Lite-CFG (the unconditional branch at rho_u 0.5)
         assert [key(e) for e in last] == [(0, 2, None, 2), (0.5, 2, None, 2), (0, 2, 1e6, 2), (0.5, 2, 1e6, 2),
-                                          (0, 1, None, 2), (0, 2, None, 1)]
+                                          (0, 1, None, 2), (0, 2, None, 1), (0, 2, None, 2)]
+        assert [e.get("tail_drop_uncond") for e in last] == [None] * 6 + [0.5]
+        # the unconditional branch pruned: fewer FLOPs
+        assert last[6]["tflops_per_image"] < last[0]["tflops_per_image"]
         assert [key(e) for e in dit[seed]["points"][-1]["evals"]] == [(0, 2, None, 2), (0, 2, 1e6, 2),
                                                                         (0, 1, None, 2), (0, 2, None, 1)]
         assert [e["cfg_scale"] for e in dc[seed]["points"][0]["evals"]] == [2.0]
@@ -86,6 +89,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     md = (out / "compare.md").read_text()
     assert "| digits_dcdit | 4 | 0.5 | 2 | – | 2 |" in md and "| digits_dcdit@token | 4 | 0 | 1 | – | 2 |" in md
     assert "| digits_dcdit | 4 | 0.5 | 2 | 1e+06 | 2 |" in md and "| digits_dcdit@token | token |" in md
+    assert "| Lite-CFG ρ_u=0.5 |" in md
     assert " ± " in md  # mean and spread over the two seeds
     kept = json.loads((out / "kept_fraction_vs_t.json").read_text())
     assert list(kept) == ["digits_dcdit"] and kept["digits_dcdit"]["seeds"] == 2  # DC-DiT only, both seeds
