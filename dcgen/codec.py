@@ -21,6 +21,7 @@ h = H / f, w = W / f for downsampling f.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -69,6 +70,37 @@ def load_autoencoder(vae, kind: str = "auto"):
             errors.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     where = "local directory" if path.exists() else "hub id (or a missing local path)"
     raise ValueError(f"cannot load the VAE from {vae} as a {where}: " + "; ".join(errors))
+
+
+def given_statistics(latent_mean, latent_std, where: str):
+    """The per-channel statistics a task was given (its export records the ones the model was
+    trained with) as two lists of floats, checked; None when neither is given."""
+    if latent_mean is None and latent_std is None:
+        return None
+    if (latent_mean is None) != (latent_std is None):
+        raise ValueError(f"{where}: latent_mean and latent_std come together")
+    try:
+        mean = [float(v) for v in latent_mean]
+        std = [float(v) for v in latent_std]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: latent_mean and latent_std must be lists of numbers") from None
+    if len(mean) != len(std) or not mean:
+        raise ValueError(f"{where}: latent_mean has {len(mean)} values, latent_std {len(std)}")
+    if not all(math.isfinite(m) for m in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+        raise ValueError(f"{where}: per-channel latent std must be finite and > 0, mean finite")
+    return mean, std
+
+
+def check_same_statistics(given, index: dict, where: str) -> None:
+    """Refuse a cache whose measured statistics differ from the ones the model was trained with
+    (a re-prepared cache would otherwise shift every latent silently)."""
+    if "latent_mean" not in index:
+        return
+    for name, a, b in (("mean", given[0], index["latent_mean"]), ("std", given[1], index["latent_std"])):
+        if len(a) != len(b) or any(abs(x - y) > 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b)):
+            raise ValueError(f"{where}: the cache's per-channel latent {name} {[round(v, 5) for v in b]} "
+                             f"differs from the task's latent_{name} {[round(v, 5) for v in a]} (the "
+                             "statistics the model was trained with); was the cache prepared again?")
 
 
 class VAECodec:

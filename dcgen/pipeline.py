@@ -259,17 +259,21 @@ class DCDiTPipeline(DiffusionPipeline):
     with 2C channels [ε | v] when σ is learned), scheduler (any diffusers scheduler; see
     `make_scheduler` for ones with the training schedule), vae (optional AutoencoderKL; None for
     pixel-space models, whose samples are the images). latent_scale: model-space latents are
-    `latent_scale · z`. cfg_channels: the default of `__call__` ("all", or "legacy3" for
+    `latent_scale · z`; with `latent_mean`, `latent_std` (C,) they are (z − mean_c) / std_c
+    instead (a task trained with latent_norm=channel). cfg_channels: the default of `__call__` ("all", or "legacy3" for
     converted DiT weights)."""
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
 
     def __init__(self, transformer, scheduler, vae=None, latent_scale: float = SD_SCALE,
-                 cfg_channels: str = "all"):
+                 cfg_channels: str = "all", latent_mean=None, latent_std=None):
+        from .codec import given_statistics
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
-        self.register_to_config(latent_scale=float(latent_scale), cfg_channels=str(cfg_channels))
+        stats = given_statistics(latent_mean, latent_std, "DCDiTPipeline")
+        self.register_to_config(latent_scale=float(latent_scale), cfg_channels=str(cfg_channels),
+                                latent_mean=stats and stats[0], latent_std=stats and stats[1])
 
     # dcgen models are plain nn.Modules (no .device/.dtype): device handling of our own
 
@@ -319,7 +323,16 @@ class DCDiTPipeline(DiffusionPipeline):
         else:
             _check_scheduler(scheduler, objective)
         task = ecfg.get("task") or {}
-        latent_scale = float(task.get("latent_scale", SD_SCALE))
+        latent_scale = float(task.get("latent_scale") or SD_SCALE)
+        stats = {}
+        if task.get("latent_norm") == "channel":
+            if task.get("latent_mean") is None:
+                from .validate import ConfigError
+                raise ConfigError(f"{path}: the model was trained on per-channel normalised latents "
+                                  "(task.latent_norm=channel) but its export does not record the statistics "
+                                  "(exports written before 2026-12-07); sample it with dcgen sample, which "
+                                  "reads them from the cache, or export it again from a run dir")
+            stats = {"latent_mean": task["latent_mean"], "latent_std": task["latent_std"]}
         if task.get("vae"):
             if vae is None or isinstance(vae, (str, Path)):
                 from .codec import VAECodec
@@ -333,7 +346,7 @@ class DCDiTPipeline(DiffusionPipeline):
             vae = None
         cfg_channels = (ecfg.get("sample") or {}).get("cfg_channels") or "all"
         pipe = cls(transformer=model, scheduler=scheduler, vae=vae, latent_scale=latent_scale,
-                   cfg_channels=cfg_channels)
+                   cfg_channels=cfg_channels, **stats)
         return pipe.to(device)
 
     # ---- the pipeline folder: save and load, symmetric ----
@@ -359,6 +372,7 @@ class DCDiTPipeline(DiffusionPipeline):
             self.vae.save_pretrained(str(out / "vae"))
         index = {"_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__,
                  "latent_scale": float(self.config.latent_scale),
+                 "latent_mean": self.config.latent_mean, "latent_std": self.config.latent_std,
                  "cfg_channels": str(self.config.cfg_channels),
                  "transformer": ["dcgen", type(unwrap(self.transformer)).__name__],
                  "scheduler": ["diffusers", type(self.scheduler).__name__],
@@ -399,6 +413,11 @@ class DCDiTPipeline(DiffusionPipeline):
             raise refuse("latent_scale")
         if channels not in ("all", "legacy3"):
             raise refuse("cfg_channels")
+        from .codec import given_statistics
+        try:
+            stats = given_statistics(index.get("latent_mean"), index.get("latent_std"), str(where))
+        except ValueError as e:
+            raise ConfigError(f"refusing latent_mean/latent_std: {e}") from None
         model = load_model(root / PIPELINE_TRANSFORMER, device=device, dtype=dtype)
         scheduler = PIPELINE_SCHEDULERS[sched[1]].from_pretrained(str(root / "scheduler"))
         betas = scheduler.config.get("trained_betas")
@@ -406,7 +425,7 @@ class DCDiTPipeline(DiffusionPipeline):
             _float64_schedule(scheduler, betas)  # make_scheduler's table (the config keeps the betas only)
         vae = AutoencoderKL.from_pretrained(str(root / "vae")) if vae_entry[0] else None
         pipe = cls(transformer=model, scheduler=scheduler, vae=vae, latent_scale=float(scale),
-                   cfg_channels=channels)
+                   cfg_channels=channels, latent_mean=stats and stats[0], latent_std=stats and stats[1])
         return pipe.to(device)
 
     # ---- sampling ----
@@ -417,13 +436,19 @@ class DCDiTPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_latents(self, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Model space -> images in [-1, 1] (the VAE decoder at x / latent_scale; identity
-        without a VAE)."""
+        """Model space -> images in [-1, 1] (the VAE decoder at x / latent_scale, or at
+        x · std_c + mean_c with per-channel statistics; identity without a VAE)."""
         if self.vae is None:
             return x
         p = next(self.vae.parameters())
-        outs = [self.vae.decode(chunk.to(p.device, p.dtype) / self.config.latent_scale).sample.float()
-                for chunk in x.split(batch_size)]
+        if self.config.latent_mean is not None:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            mean = torch.tensor(self.config.latent_mean, dtype=torch.float32).view(shape)
+            std = torch.tensor(self.config.latent_std, dtype=torch.float32).view(shape)
+            x, scale = x.float() * std + mean, 1.0
+        else:
+            scale = self.config.latent_scale
+        outs = [self.vae.decode(chunk.to(p.device, p.dtype) / scale).sample.float() for chunk in x.split(batch_size)]
         return torch.cat(outs)
 
     @torch.no_grad()

@@ -149,8 +149,9 @@ def load_encoder(spec: str, device="cpu", size: int | None = None) -> Encoder:
             kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
         try:
             module = timm.create_model(name, pretrained=True, **kwargs)
-        except RuntimeError as e:  # no such model, wrong keys or shapes
-            raise ValueError(f"repa.encoder={spec}: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, TypeError, OSError) as e:  # no such model, wrong keys or shapes, an
+            # argument the architecture does not take (img_size on a CNN), no network for its weights
+            raise ValueError(f"repa.encoder={spec}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
         cfg = module.pretrained_cfg
         img = getattr(getattr(module, "patch_embed", None), "img_size", None) or cfg["input_size"][-2:]
         enc = Encoder(module.forward_features, module.num_features, int(img[-1]),
@@ -168,14 +169,15 @@ def load_encoder(spec: str, device="cpu", size: int | None = None) -> Encoder:
 
 
 def grid_targets(features: torch.Tensor, token_grid) -> torch.Tensor:
-    """(B, d, h, w) -> (B, L, d) on the token grid (raster order): area means when the grid
-    divides the map, bilinear otherwise."""
+    """(B, d, h, w) -> (B, L, d) on the token grid (raster order): area means (adaptive, also
+    when the grid does not divide the map) where the map is at least as fine as the grid,
+    bilinear where it is coarser."""
     gh, gw = token_grid
     h, w = features.shape[-2:]
     if (h, w) == (gh, gw):
         f = features
-    elif h % gh == 0 and w % gw == 0:
-        f = F.adaptive_avg_pool2d(features, (gh, gw))
+    elif h >= gh and w >= gw:
+        f = F.adaptive_avg_pool2d(features, (gh, gw))  # point-sampling a finer map would alias
     else:
         f = F.interpolate(features, size=(gh, gw), mode="bilinear", align_corners=False)
     return f.flatten(2).transpose(1, 2)
@@ -221,9 +223,18 @@ class Repa:
         width = model.blocks[0].adaLN_modulation[-1].in_features
         setattr(model, PROJECTOR, Projector(width, int(cfg.projector_dim), self.encoder.width))
         self._seen = None
-        self._handle = blocks[self.depth - 1].register_forward_hook(self._record)
+        self._block = blocks[self.depth - 1]
+        self._handle = self._block.register_forward_hook(self._record)
+
+    def __deepcopy__(self, memo):
+        # a deep copy of the model (the EMA, an export) copies its blocks' hooks, this bound
+        # method among them: share this object (encoder, task) rather than duplicate it; the
+        # copy's block is not ours, so its forwards record nothing (_record)
+        return self
 
     def _record(self, module, args, output):
+        if module is not self._block:  # a copy of the model (the EMA): not the trained block
+            return
         pack = args[2] if len(args) > 2 else None
         self._seen = (output, pack)
 

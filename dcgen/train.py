@@ -683,15 +683,13 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     t_last, samples_since, steps_since = time.time(), 0, 0
     step = start_step
     ckpt_state = {"world": procs.world, "mixed_precision": acc.mixed_precision, "num_threads": procs.n_threads}
+    export_extra = {"task": export_task_node(cfg, task), "objective": OmegaConf.to_container(cfg.objective, resolve=True)}
 
     def checkpoint(at: int):
         save_checkpoint(run.root, at, raw, ema, optimizer, {"data_position": at * G_batch, **ckpt_state},
                         {}, acc, keep=tc.ckpt_keep, keep_every=int(tc.get("ckpt_keep_every") or 0))
         if is_main:
-            export_model(ema.model, run.export_dir,
-                         extra={"task": OmegaConf.to_container(cfg.task, resolve=True),
-                                "objective": OmegaConf.to_container(cfg.objective, resolve=True),
-                                "step": at})
+            export_model(ema.model, run.export_dir, extra={**export_extra, "step": at})
 
     try:
         while step < tc.max_steps:
@@ -740,6 +738,17 @@ def train(cfg: DictConfig, return_model: bool = False, trusted: bool = True):
     if return_model:
         return run.root, raw, ema.model
     return run.root
+
+
+def export_task_node(cfg: DictConfig, task) -> dict:
+    """The task node an export records: the run's, plus the per-channel latent statistics the
+    model trains with under latent_norm=channel (so that the export decodes without the cache,
+    and the diffusers pipeline decodes as the task does)."""
+    node = OmegaConf.to_container(cfg.task, resolve=True)
+    if node.get("latent_norm") == "channel" and hasattr(task, "channel_statistics"):
+        mean, std = task.channel_statistics()
+        node["latent_mean"], node["latent_std"] = [float(v) for v in mean], [float(v) for v in std]
+    return node
 
 
 def _previous_state(run_dir: Path) -> dict:

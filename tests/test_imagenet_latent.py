@@ -440,6 +440,52 @@ def test_channel_normalisation_from_the_caches_measured_statistics(prepared):
     assert torch.allclose(task.decode(x[:1]), vae.decode(raw[None]), atol=1e-4)
 
 
+def test_a_channel_normalised_export_decodes_without_the_cache_and_through_the_pipeline(prepared, tmp_path):
+    """latent_norm=channel: the export records the statistics the model trained with, so that
+    the run decodes with the cache gone, the diffusers pipeline (and its saved folder) decodes
+    exactly as the task does, and a cache prepared again with other statistics is refused."""
+    from hydra.utils import instantiate
+    from dcgen.io import load_run, read_export_config, resolve_export_dir
+    from dcgen.pipeline import DCDiTPipeline
+    from dcgen.tasks.imagenet_latent.data import LatentCache
+    from dcgen.train import train
+    from dcgen.validate import ConfigError
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared["root"] / "cache", cache)
+    task_args = [a for a in prepared["task"] if not a.startswith("task.cache_dir=")]
+    task_args += [f"task.cache_dir={cache}", "task.latent_norm=channel"]
+    rd = tmp_path / "run"
+    train(compose("train", [*task_args, "model=dcdit_debug", "train.max_steps=1", "train.global_batch_size=4",
+                            "train.sample_every=0", "train.ckpt_every=0", "train.log_with=none",
+                            "dc.ratio_group_size=4", f"run_dir={rd}"]))
+    index = LatentCache(cache, fields=("label",)).index
+    node = read_export_config(rd)["task"]
+    assert node["latent_mean"] == pytest.approx(index["latent_mean"], abs=1e-12)
+    assert node["latent_std"] == pytest.approx(index["latent_std"], abs=1e-12)
+    x = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
+    want = load_run(rd, "cpu")[2].decode(x)
+    pipe = DCDiTPipeline.from_dcgen(rd, vae=prepared["root"] / "vae")
+    assert torch.allclose(pipe.decode_latents(x), want, atol=1e-5)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert torch.allclose(DCDiTPipeline.from_pretrained(tmp_path / "pipe").decode_latents(x), want, atol=1e-5)
+    shutil.rmtree(cache)  # the export alone decodes
+    assert torch.allclose(load_run(rd, "cpu")[2].decode(x), want, atol=1e-6)
+    # the export's statistics against a cache that measured others: refused for training
+    shifted = {**node, "cache_dir": str(prepared["root"] / "cache"),
+               "latent_mean": [v + 0.5 for v in node["latent_mean"]]}
+    with pytest.raises(ValueError, match="was the cache prepared again"):
+        instantiate(shifted, _convert_="all").train_dataset()
+    instantiate({**shifted, "latent_mean": node["latent_mean"]}, _convert_="all").train_dataset()  # agree
+    # an export that does not record them: the pipeline refuses rather than decode wrongly
+    old = tmp_path / "old_export"
+    shutil.copytree(resolve_export_dir(rd), old)
+    extra = json.loads((old / "dcgen.json").read_text())
+    del extra["task"]["latent_mean"], extra["task"]["latent_std"]
+    (old / "dcgen.json").write_text(json.dumps(extra))
+    with pytest.raises(ConfigError, match="does not record the statistics"):
+        DCDiTPipeline.from_dcgen(old, vae=prepared["root"] / "vae")
+
+
 def test_dc_ae_codec_prepare_train_sample_evaluate(ws, tmp_path):
     """The second codec class end to end: a tiny random AutoencoderDC (4x, 8 channels) saved
     locally, chosen by its config.json (vae_kind=auto) and by vae_kind=dc; per-channel statistics

@@ -53,6 +53,29 @@ def test_targets_are_read_at_each_kept_tokens_grid_position_and_samples_weigh_eq
     t = grid_targets(f, (2, 3))
     assert t.shape == (1, 6, 2) and t[0, 0, 0].item() == f[0, 0, :2, :2].mean().item()
     assert torch.equal(grid_targets(f, (4, 6))[0, 7], f[0, :, 1, 1])  # raster position 7 = (1, 1)
+    # a finer map the grid does not divide: still area means, no aliasing (alternating rows of
+    # 1 and 0 onto 6 rows: each target averages 2-4 rows, within [1/3, 2/3]; point samples would not)
+    stripes = torch.zeros(1, 1, 16, 16)
+    stripes[:, :, ::2] = 1.0
+    st = grid_targets(stripes, (6, 6))
+    assert st.min().item() >= 1 / 3 - 1e-6 and st.max().item() <= 2 / 3 + 1e-6
+
+
+def test_a_copy_of_the_model_shares_repa_and_records_nothing():
+    """The EMA is a deep copy of the model, hooks included: it must not duplicate the encoder
+    (a second DINOv2 per process) nor record its own forwards into the training step's loss."""
+    import copy
+    from dcgen.ema import EMA
+    model = dcdit(depth=2)
+    repa = Repa(cfg(depth=1), model, ImageTask(grid=(8, 8), channels=3))
+    ema = EMA(model, 0.9)
+    hook = next(iter(ema.model.blocks[0]._forward_hooks.values()))
+    assert hook.__self__ is repa and copy.deepcopy(repa) is repa
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    ema.model(x, torch.tensor([5, 500]), torch.tensor([0, 1]))
+    assert repa._seen is None
+    model(x, torch.tensor([5, 500]), torch.tensor([0, 1]))
+    assert repa._seen is not None and torch.isfinite(repa.loss(model, x))
 
 
 def test_the_encoder_is_frozen_and_only_the_chosen_blocks_tokens_carry_the_loss():

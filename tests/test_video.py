@@ -460,6 +460,17 @@ def test_channel_normalisation_from_the_caches_posterior_statistics(prepared):
     want = VAECodec(vae, scale=1.0).decode(z.transpose(0, 1))  # frames as a batch
     got = task.decode(x[None])[0].transpose(0, 1)
     assert torch.allclose(got, want.clamp(-1, 1), atol=1e-4)
+    # given (as an export records them): the same decode; other statistics than the cache's
+    # are refused when the cache is read for training
+    stats = [f"+task.latent_mean={summary['latent_mean']}", f"+task.latent_std={summary['latent_std']}"]
+    given = instantiate(compose("train", [*task_args(root, vae), "task.latent_norm=channel", *stats]).task,
+                        _convert_="all")
+    assert torch.allclose(given.decode(x[None])[0].transpose(0, 1), got, atol=1e-6)
+    shifted = [f"+task.latent_mean={[v + 0.5 for v in summary['latent_mean']]}", stats[1]]
+    other = instantiate(compose("train", [*task_args(root, vae), "task.latent_norm=channel", *shifted]).task,
+                        _convert_="all")
+    with pytest.raises(ValueError, match="was the cache prepared again"):
+        other.train_dataset()
 
 
 def test_dc_ae_per_frame_codec_prepare_train_and_decode(video_data, tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dcgen import viz
-from dcgen.codec import DEFAULT_VAE, SD_SCALE
+from dcgen.codec import DEFAULT_VAE, SD_SCALE, check_same_statistics, given_statistics
 from dcgen.task import Task
 
 from .data import LATENT_SAMPLING, LatentCache, LatentDataset
@@ -51,6 +51,9 @@ class ImageNetLatentTask(Task):
     latent_scale     0.18215 (SD-VAE)
     latent_norm      "scale": x = latent_scale · z; "channel": x = (z − mean_c) / std_c with the
                      per-channel statistics `dcgen prepare` measured over the cache (its index)
+    latent_mean, latent_std  those statistics given (an export records the ones its model was
+                     trained with, so it decodes without the cache); a cache read for training
+                     must agree with them
     data             latent_sampling "fixed" ([R]'s baked flip + sample, Q15/D29) or "resample"
                      (fresh posterior sample and flip per draw); hflip; seed of the draws
     source           image_dir (one sub-folder per class) or file_list, for `prepare`
@@ -64,7 +67,7 @@ class ImageNetLatentTask(Task):
                  vae: str | Path = DEFAULT_VAE, latent_scale: float = SD_SCALE,
                  latent_channels: int = 4, vae_downsample: int = 8, data: dict | None = None,
                  source: dict | None = None, encode: dict | None = None, max_preview: int = 64,
-                 latent_norm: str = "scale", vae_kind: str = "auto"):
+                 latent_norm: str = "scale", vae_kind: str = "auto", latent_mean=None, latent_std=None):
         if cache_dir is None:
             raise ValueError("task.cache_dir is required (where the latent cache lives)")
         self.resolution, self.downsample = int(resolution), int(vae_downsample)
@@ -76,6 +79,9 @@ class ImageNetLatentTask(Task):
         if latent_norm not in ("scale", "channel"):
             raise ValueError(f"task.latent_norm must be scale or channel, got {latent_norm!r}")
         self.latent_norm = latent_norm
+        self._stats = given_statistics(latent_mean, latent_std, "task")
+        if self._stats is not None and len(self._stats[0]) != int(latent_channels):
+            raise ValueError(f"task.latent_mean has {len(self._stats[0])} values for {latent_channels} latent channels")
         if vae_kind not in ("auto", "kl", "dc"):
             raise ValueError(f"task.vae_kind must be auto, kl or dc, got {vae_kind!r}")
         self.vae_kind = vae_kind
@@ -137,6 +143,10 @@ class ImageNetLatentTask(Task):
         """(latent_mean, latent_std) of the cache with latent_norm=channel, else (None, None)."""
         if self.latent_norm != "channel":
             return None, None
+        if self._stats is not None:
+            if index is not None:  # the cache being read for training
+                check_same_statistics(self._stats, index, str(self.cache_dir))
+            return self._stats
         if index is None:
             index = LatentCache(self.cache_dir, fields=("label",)).index
         if "latent_mean" not in index:

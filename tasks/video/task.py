@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dcgen import shards, viz
-from dcgen.codec import DEFAULT_VAE
+from dcgen.codec import DEFAULT_VAE, check_same_statistics, given_statistics
 from dcgen.chunking.grid import check_grid
 from dcgen.task import Task
 
@@ -50,7 +50,9 @@ class VideoTask(Task):
     `vae`: hub id or local diffusers directory (`vae_type` auto-detects AutoencoderKL per frame or
     AutoencoderKLTemporalDecoder); `latent_scale` None takes the VAE's `scaling_factor`;
     `latent_norm` "channel" trains on (z − mean_c) / std_c with the per-channel statistics that
-    `dcgen prepare` measured over the cache's posterior samples (its index) instead.
+    `dcgen prepare` measured over the cache's posterior samples (its index) instead;
+    `latent_mean`/`latent_std` give them (an export records the ones its model was trained with,
+    so it decodes without the cache; a cache read for training must agree with them).
     `cache_dir` None puts the cache under `root/.dcgen_cache`.
     `num_classes`: None infers it (class folders; 0 without), 0 forces unconditional.
     `shard_clips`: about this many clips per cache shard (whole videos per shard).
@@ -74,7 +76,7 @@ class VideoTask(Task):
                  fps: float = 8.0, max_preview: int = 8, max_videos: int | None = None,
                  inception_weights: str | None = None, i3d: str | None = None,
                  eval_reference_clips: int | None = None, eval_seed: int = 0, seed: int = 0,
-                 decode_workers: int = 2, latent_norm: str = "scale"):
+                 decode_workers: int = 2, latent_norm: str = "scale", latent_mean=None, latent_std=None):
         for key, val in (("frames", frames), ("stride", stride), ("resolution", resolution),
                          ("encode_clips", encode_clips), ("micro_batch", micro_batch),
                          ("shard_clips", shard_clips)):
@@ -113,6 +115,7 @@ class VideoTask(Task):
         if latent_norm not in ("scale", "channel"):
             raise ValueError(f"video: latent_norm must be scale or channel, got {latent_norm!r}")
         self.latent_norm = latent_norm
+        self._stats = given_statistics(latent_mean, latent_std, "video")
         self._num_classes_arg = None if num_classes is None else int(num_classes)
         self._codec: VideoCodec | None = None
         self._dataset: Dataset | None = None
@@ -274,11 +277,17 @@ class VideoTask(Task):
                                      latent_mean=mean, latent_std=std)
         return self._codec
 
-    def channel_statistics(self) -> tuple:
-        """(latent_mean, latent_std) of the cache with latent_norm=channel (measured by prepare over
-        the posterior samples the training draws), else (None, None)."""
+    def channel_statistics(self, training: bool = False) -> tuple:
+        """(latent_mean, latent_std) with latent_norm=channel: as given, else the cache's (measured
+        by prepare over the posterior samples the training draws); (None, None) otherwise. For
+        `training` the cache's must agree with the given ones."""
         if self.latent_norm != "channel":
             return None, None
+        if self._stats is not None:
+            index = self._index() if training else None
+            if index is not None:
+                check_same_statistics(self._stats, index, f"video cache {self.cache_path}")
+            return self._stats
         index = self._index()
         if index is None or "latent_mean" not in index:
             raise ValueError(f"video cache {self.cache_path}: no per-channel statistics (written by dcgen "
@@ -307,7 +316,7 @@ class VideoTask(Task):
             if shape != (self.channels, *self.grid):
                 raise ValueError(f"video cache {cache.dir}: clips are {shape}, the task expects "
                                  f"{(self.channels, *self.grid)}")
-            mean, std = self.channel_statistics()
+            mean, std = self.channel_statistics(training=True)
             self._dataset = LatentClipDataset(cache, self.scale, unconditional=self.num_classes == 0,
                                               sample_posterior=self.sample_posterior, seed=self.seed,
                                               latent_mean=mean, latent_std=std)
