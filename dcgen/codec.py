@@ -91,6 +91,13 @@ def given_statistics(latent_mean, latent_std, where: str):
     return mean, std
 
 
+def unnormalise_channels(z: torch.Tensor, mean, std) -> torch.Tensor:
+    """Per-channel normalised latents (N, C, ...) -> raw latents: z · std_c + mean_c (channels on
+    dim 1; `mean`, `std` (C,) tensors or lists)."""
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    return z * torch.as_tensor(std).view(shape).to(z) + torch.as_tensor(mean).view(shape).to(z)
+
+
 def check_same_statistics(given, index: dict, where: str) -> None:
     """Refuse a cache whose measured statistics differ from the ones the model was trained with
     (a re-prepared cache would otherwise shift every latent silently)."""
@@ -126,17 +133,14 @@ class VAECodec:
         blocks = cfg.encoder_block_out_channels if self.deterministic else cfg.block_out_channels
         self.downsample = 2 ** (len(blocks) - 1)
         self.latent_mean = self.latent_std = None
-        if (latent_mean is None) != (latent_std is None):
-            raise ValueError("latent_mean and latent_std come together")
-        if latent_mean is not None:
-            mean = torch.as_tensor(latent_mean, dtype=torch.float32).reshape(-1)
-            std = torch.as_tensor(latent_std, dtype=torch.float32).reshape(-1)
-            if mean.numel() != self.latent_channels or std.numel() != self.latent_channels:
-                raise ValueError(f"per-channel statistics have {mean.numel()}/{std.numel()} values for "
+        stats = given_statistics(None if latent_mean is None else torch.as_tensor(latent_mean).reshape(-1).tolist(),
+                                 None if latent_std is None else torch.as_tensor(latent_std).reshape(-1).tolist(),
+                                 "codec")
+        if stats is not None:
+            if len(stats[0]) != self.latent_channels:
+                raise ValueError(f"per-channel statistics have {len(stats[0])} values for "
                                  f"{self.latent_channels} latent channels")
-            if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
-                raise ValueError("per-channel latent std must be finite and > 0, mean finite")
-            self.latent_mean, self.latent_std = mean, std
+            self.latent_mean, self.latent_std = (torch.tensor(v, dtype=torch.float32) for v in stats)
 
     def info(self) -> dict:
         """What the cache and the run record of the codec."""
@@ -158,8 +162,7 @@ class VAECodec:
         """Model space -> raw latents."""
         if self.latent_mean is None:
             return z / self.scale
-        shape = (1, -1) + (1,) * (z.dim() - 2)
-        return z * self.latent_std.view(shape).to(z) + self.latent_mean.view(shape).to(z)
+        return unnormalise_channels(z, self.latent_mean, self.latent_std)
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -442,10 +442,9 @@ class DCDiTPipeline(DiffusionPipeline):
             return x
         p = next(self.vae.parameters())
         if self.config.latent_mean is not None:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            mean = torch.tensor(self.config.latent_mean, dtype=torch.float32).view(shape)
-            std = torch.tensor(self.config.latent_std, dtype=torch.float32).view(shape)
-            x, scale = x.float() * std + mean, 1.0
+            from .codec import unnormalise_channels
+            x = unnormalise_channels(x.float(), self.config.latent_mean, self.config.latent_std)
+            scale = 1.0
         else:
             scale = self.config.latent_scale
         outs = [self.vae.decode(chunk.to(p.device, p.dtype) / scale).sample.float() for chunk in x.split(batch_size)]
