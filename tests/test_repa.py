@@ -207,6 +207,9 @@ def test_a_timm_encoder_from_a_local_safetensors_file(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "vit.pth")
     with pytest.raises(ValueError, match="existing .safetensors file"):
         load_encoder(f"timm:vit_tiny_patch16_224@{tmp_path / 'vit.pth'}", size=32)
+    # an argument the architecture does not take (img_size on a CNN): a named config error
+    with pytest.raises(ValueError, match="repa.encoder=timm:resnet18@.*TypeError"):
+        load_encoder(f"timm:resnet18@{tmp_path / 'vit.safetensors'}", size=32)
 
 
 def test_the_stand_in_encoder_is_fitted_on_the_task_and_loads_as_an_encoder(tmp_path):
