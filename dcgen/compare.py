@@ -286,6 +286,21 @@ def resume_copy(run_dir: Path, steps: int, threads: int, log_every: int) -> int:
     return start
 
 
+def weights_at(model, run_dir: Path, at, k: int):
+    """`model` (the export's EMA weights, of step `at`) with the EMA weights of step `k`: itself
+    when the run is at k; those of the run's kept step-k checkpoint when an earlier, longer call
+    trained it past k; None when it keeps none (only rows already scored can be reported)."""
+    if at is None or int(at) == k:
+        return model
+    ckpt = Run(run_dir).checkpoint_dir(k) / "ema.safetensors"
+    if not ckpt.is_file():
+        return None
+    from safetensors.torch import load_file
+    from .repa import strip_projector  # a REPA run's checkpoint also holds the projector
+    model.load_state_dict(strip_projector(load_file(ckpt)))
+    return model
+
+
 def boundary_maps(run_dir: Path, cfg: DictConfig, seed: int, out: Path) -> None:
     """`dcgen sample`'s boundary maps and kept-fraction-vs-t for a DC-DiT run."""
     from .config import compose
@@ -345,7 +360,9 @@ def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
     r = {"points": [], "train_seconds": 0.0}
     for k in points:
         r["train_seconds"] += train_to(exp, run_dir, k, seed, cfg.threads, overrides, out)
-        model, objective, task, _ = load_run(run_dir, "cpu")  # one load per point, shared by its evaluations
+        model, objective, task, ecfg = load_run(run_dir, "cpu")  # one load per point, shared by its evaluations
+        chunking = model.drops_tokens  # tail-drop budgets apply
+        model = weights_at(model, run_dir, ecfg.get("step"), k)
         if k == points[0] and cfg.get("extra_samplers"):  # refused now rather than at the last point
             from .pipeline import with_diffusers_samplers
             from .sample import check_request
@@ -353,7 +370,6 @@ def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
                 check_request(with_diffusers_samplers(objective), task, num_samples=1, steps=cfg.sample.steps,
                               sampler=str(x), seed=seed)
         from .viz import is_image_batch
-        chunking = model.drops_tokens  # tail-drop budgets apply
         images = is_image_batch(task.decode(task.train_dataset()[0][0][None]))
         reference = reference_npz(task, out, cfg.reference_limit) if images else None
         last = k == points[-1]
@@ -363,6 +379,10 @@ def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
             d.mkdir(parents=True, exist_ok=True)
             row = cached_row(d, cfg)
             if row is None:
+                if model is None:
+                    raise ValueError(f"{run_dir} is at step {ecfg.get('step')}, past the evaluation point {k}, "
+                                     f"and keeps no checkpoint of step {k}: choose eval_every so that the "
+                                     "points are those scored or kept before, or give a new out=")
                 row = evaluate_point(model, objective, task, cfg, reference, spec, seed, d)
                 row["settings"] = eval_settings(cfg)
                 (d / "row.json").write_text(json.dumps(row, indent=2, default=float))
@@ -376,7 +396,7 @@ def run_one(exp: str, seed: int, cfg: DictConfig) -> dict:
         print(f"{exp} seed {seed} step {k}: " + ", ".join(
             f"ρ {e['tail_drop']:g} S {e['cfg_scale']:g} {quality_key(e)} {e[quality_key(e)]:.3f}"
             + (f" acc {e['class_accuracy']:.3f}" if "class_accuracy" in e else "") for e in evals), flush=True)
-        if last and chunking and cfg.map_samples:
+        if last and chunking and cfg.map_samples and model is not None:
             boundary_maps(run_dir, cfg, seed, base / "maps")
     r["seconds_per_step"] = seconds_per_step(run_dir)
     (base / "result.json").write_text(json.dumps(r, indent=2, default=float))

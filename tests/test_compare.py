@@ -3,6 +3,7 @@ digits), two seeds trained side by side, two evaluation points, a few samples, F
 random-weight Inception, two guidance scales, boundary maps."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,7 @@ def test_compare_scores_voxels_with_shape_metrics(tmp_path):
     assert (out / "quality_vs_inference_tflops.png").stat().st_size > 1000
 
 
-def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
+def test_compare_extends_a_comparison_reusing_scored_points(tmp_path, capsys):
     """A second call with more steps resumes the run and reuses the rows already scored with the
     same sampling settings; a call with other settings scores again."""
     from dcgen.metrics import save_random_inception_weights
@@ -155,11 +156,11 @@ def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
     tiny = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=4",
             "train.log_every=1", "train.ckpt_every=2", "train.log_with=none"]
 
-    def call(steps, num_samples, scales=("1",), *extra):
+    def call(steps, num_samples, scales=("1",), *extra, rc=0):
         assert dcgen("experiments=[digits_dit4]", f"out={out}", f"steps={steps}", "eval_every=2",
                      f"sample.num_samples={num_samples}", "sample.steps=2", f"inception={weights}",
                      "reference_limit=20", "sample.batch_size=10", f"sample.cfg_scale={scales[0]}",
-                     f"extra_cfg_scales=[{','.join(scales[1:])}]", "map_samples=0", overrides(tiny), *extra) == 0
+                     f"extra_cfg_scales=[{','.join(scales[1:])}]", "map_samples=0", overrides(tiny), *extra) == rc
         return json.loads((out / "compare.json").read_text())["results"]["digits_dit4"]["seeds"]["0"]
 
     first = call(2, 6, ("1", "2"))
@@ -173,6 +174,10 @@ def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
     assert [e["cfg_scale"] for e in second["points"][0]["evals"]] == [1.0, 2.0]
     run_log = (out / "digits_dit4" / "seed0" / "run" / "log.txt").read_text()
     assert "step 4/4" in run_log and "resumed" in run_log
+    # a point the run has passed, scored again: with the weights of its kept step-2 checkpoint, not
+    # the latest (the same rows as when the run was at step 2) ...
+    shutil.rmtree(row2.parent)
+    assert call(4, 6, ("1", "2"))["points"][0]["evals"] == first["points"][0]["evals"]
     # other sampling settings: both points scored again; at the last point also another sampler
     # and a guidance interval over half the trajectory
     third = call(4, 8, ("2",), "extra_samplers=[ddim]", "cfg_intervals=[[0.5,1]]")
@@ -188,6 +193,12 @@ def test_compare_extends_a_comparison_reusing_scored_points(tmp_path):
     assert dcgen("experiments=[digits_dit4]", f"out={out}", "steps=6", "eval_every=2", "sample.steps=2",
                  "extra_samplers=[sde]", overrides(tiny)) == 2
     assert not list((out / "digits_dit4" / "seed0").glob("step000006_*"))
+    # a passed point to score again whose checkpoint is gone: refused, naming the steps
+    shutil.rmtree(row2.parent)
+    shutil.rmtree(out / "digits_dit4" / "seed0" / "run" / "checkpoints" / "step_00000002")
+    call(4, 6, ("1", "2"), rc=2)
+    assert "is at step 4, past the evaluation point 2, and keeps no checkpoint of step 2" in capsys.readouterr().err
+    assert not row2.exists()
 
 
 def test_speed_driver_trains_a_copy_and_times_only_the_new_steps(toy6, tmp_path):
