@@ -493,12 +493,25 @@ def _at(cost: dict, step: int, what: str) -> float:
     return float(np.interp(step, cost["steps"], cost[what]))
 
 
-def _errorbar(ax, xs, cols, key, label, annotate=None):
+def _errorbar(ax, xs, cols, key, label, annotate=None, fmt="o-"):
     ms = [_mean_spread([e.get(key) for e in c]) for c in cols]
-    ax.errorbar(xs, [m for m, _ in ms], yerr=[h for _, h in ms], fmt="o-", capsize=3, label=label)
+    bars = ax.errorbar(xs, [m for m, _ in ms], yerr=[h for _, h in ms], fmt=fmt, capsize=3, label=label)
     for x, (m, _), c in zip(xs, ms, cols):
         if annotate and annotate(c[0]):
             ax.annotate(annotate(c[0]), (x, m), fontsize=6)
+    return [m for m, _ in ms], bars[0].get_color()
+
+
+def pareto_front(costs: list, values: list) -> list[int]:
+    """Indices of the points no other point beats: none costs no more and scores lower (lower is
+    better for both), in order of cost."""
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], values[i]))
+    front, best = [], math.inf
+    for i in order:
+        if values[i] < best:
+            front.append(i)
+            best = values[i]
+    return front
 
 
 def _label(e: dict, main_steps) -> str | None:
@@ -555,12 +568,14 @@ def plots(results: dict, out: Path):
         m = merged(results, name)
         last = max(k[0] for k in m)
         keys = [k for k in m if k[0] == last and k[2] == main[1]]
-        keys.sort(key=lambda k: _mean_spread([e["tflops_per_image"] for e in m[k]])[0])
         cols = [m[k] for k in keys]
         xs = [_mean_spread([e["tflops_per_image"] for e in c])[0] for c in cols]
-        _errorbar(ax, xs, cols, quality_key(cols[0][0]), name, annotate=lambda e: _label(e, main[3]))
+        ys, colour = _errorbar(ax, xs, cols, quality_key(cols[0][0]), name, fmt="o",
+                               annotate=lambda e: _label(e, main[3]))
+        front = pareto_front(xs, ys)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color=colour, alpha=0.7)
     ax.set(xlabel="sampling TFLOPs per image (all steps and branches)", ylabel=qk,
-           title="quality against inference compute (last point)")
+           title="quality against inference compute (last point; lines: each model's Pareto front)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "quality_vs_inference_tflops.png", dpi=120)

@@ -235,3 +235,13 @@ def test_speed_driver_trains_a_copy_and_times_only_the_new_steps(toy6, tmp_path)
         timed.append_metrics({"step": step, "samples_per_s": rate})
     assert seconds_per_step(timed.root) == pytest.approx(8 / 10.0)  # first window dropped
     assert seconds_per_step(timed.root, after_step=8) == pytest.approx(8 / 60.0)
+
+
+def test_pareto_front_keeps_only_the_rows_nothing_cheaper_beats():
+    from dcgen.compare import pareto_front
+    costs = [0.020, 0.018, 0.016, 0.017, 0.010, 0.021]
+    fids = [88.0, 91.0, 96.0, 99.0, 99.5, 85.0]
+    # 0.017/99 loses to 0.016/96; 0.010/99.5 is the cheapest; 0.021/85 the best
+    assert pareto_front(costs, fids) == [4, 2, 1, 0, 5]
+    assert pareto_front([1.0, 1.0], [3.0, 2.0]) == [1]  # the same cost: only the better one
+    assert pareto_front([2.0, 1.0], [3.0, 3.0]) == [1]  # the same score: only the cheaper one
