@@ -688,6 +688,86 @@ def upcycling_summary(results: dict) -> str:
     return ("\n\nUpcycling:\n" + "\n".join(lines)) if lines else ""
 
 
+def _main_curve(results: dict, exp: str, seed) -> list[tuple[int, float]]:
+    """[(step, quality)] of one seed's rows at the main settings."""
+    main = _main_row(results, exp)
+    pts = []
+    for p in results[exp]["seeds"][seed]["points"]:
+        for e in p["evals"]:
+            if row_key(e, main[3]) == main:
+                pts.append((p["step"], e[quality_key(e)]))
+                break
+    return pts
+
+
+def equal_cost(results: dict, seconds_per_step: dict | None = None) -> list[dict]:
+    """For every DiT baseline E@RULE beside its DC-DiT E: the baseline's quality at its last
+    point, and E's at the same training cost, per seed both have: at the same cumulative training
+    GFLOPs, and at the same wall-clock: from `seconds_per_step` ({experiment: s/step}, measured on
+    an equal footing by tools/bench_train_speed.py) when given, else from the runs' own clocks.
+    E's quality is interpolated (linearly in steps) between its scored points; a cost before its
+    first point gives None, one past its last point its last point, marked "whole run"."""
+    from .matching import RULES
+    out = []
+    for name in results:
+        base, _, rule = name.partition(BASELINE_SEP)
+        if rule not in RULES or base not in results:
+            continue
+        row = {"baseline": name, "experiment": base, "rule": rule, "seeds": [], "dit_step": [], "dit": [],
+               "flops": [], "time": []}
+        for seed in results[name]["seeds"]:
+            dc_cost = (results[base].get("training") or {}).get(seed)
+            dit_cost = (results[name].get("training") or {}).get(seed)
+            if seed not in results[base]["seeds"] or not dc_cost or not dit_cost:
+                continue
+            dit_pts, dc_pts = _main_curve(results, name, seed), _main_curve(results, base, seed)
+            k_dit, q_dit = dit_pts[-1]
+            row["seeds"].append(seed)
+            row["dit_step"].append(k_dit)
+            row["dit"].append(q_dit)
+            steps, qs = [k for k, _ in dc_pts], [q for _, q in dc_pts]
+            for what in ("flops", "time"):
+                if what == "flops":
+                    k = float(np.interp(_at(dit_cost, k_dit, "train_gflops"), dc_cost["train_gflops"], dc_cost["steps"],
+                                        right=math.inf))
+                elif seconds_per_step:
+                    k = k_dit * seconds_per_step[name] / seconds_per_step[base]
+                else:
+                    k = float(np.interp(_at(dit_cost, k_dit, "seconds"), dc_cost["seconds"], dc_cost["steps"],
+                                        right=math.inf))
+                if k < steps[0]:
+                    row[what].append({"step": k, "quality": None, "note": f"before its first point (step {steps[0]})"})
+                elif k > steps[-1]:
+                    row[what].append({"step": steps[-1], "quality": qs[-1], "note": "whole run"})
+                else:
+                    row[what].append({"step": k, "quality": float(np.interp(k, steps, qs)), "note": None})
+        if row["seeds"]:
+            out.append(row)
+    return out
+
+
+def equal_cost_summary(results: dict, seconds_per_step: dict | None = None) -> str:
+    """equal_cost as a markdown table (mean over the seeds, ± half their range)."""
+    rows = equal_cost(results, seconds_per_step)
+    if not rows:
+        return ""
+    clock = "s/step measured side by side" if seconds_per_step else "the runs' own clocks"
+
+    def cell(entries):
+        if any(x["quality"] is None for x in entries):
+            return next(x["note"] for x in entries if x["quality"] is None)
+        notes = {x["note"] for x in entries if x["note"]}
+        return (f"{_fmt([x['quality'] for x in entries], 2)} (step {np.mean([x['step'] for x in entries]):.0f}"
+                + (f"; {', '.join(sorted(notes))}" if notes else "") + ")")
+    lines = ["", "", f"At equal training cost (DC-DiT interpolated between its scored points; wall-clock from {clock}):", "",
+             "| DiT baseline | seeds | its quality (step) | DC-DiT at the same training GFLOPs | DC-DiT at the same wall-clock |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['baseline']} | {len(r['seeds'])} | {_fmt(r['dit'], 2)} ({max(r['dit_step'])}) | "
+                     f"{cell(r['flops'])} | {cell(r['time'])} |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     """One row per (experiment, step, ρ, guidance scale, cache, sampler steps): the mean over the
     seeds that have it and, with two or more, ± half their range; training GFLOPs and seconds
@@ -806,7 +886,7 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
                "cfg_scale": [cfg.sample.cfg_scale, *cfg.extra_cfg_scales], "threads": cfg.threads,
                "jobs": cfg.jobs, "torch": torch.__version__, "models": sizes, "results": results}
     (report / "compare.json").write_text(json.dumps(summary, indent=2, default=float))
-    md = table(results) + upcycling_summary(results)
+    md = table(results) + equal_cost_summary(results) + upcycling_summary(results)
     (report / "compare.md").write_text(f"`{summary['command']}`\n\n{sizes_table(sizes)}\n\n{md}\n")
     plots(results, report)
     side_by_side(results, out, report)

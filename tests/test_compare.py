@@ -91,6 +91,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert "| digits_dcdit | 4 | 0.5 | 2 | – | 2 |" in md and "| digits_dcdit@token | 4 | 0 | 1 | – | 2 |" in md
     assert "| digits_dcdit | 4 | 0.5 | 2 | 1e+06 | 2 |" in md and "| digits_dcdit@token | token |" in md
     assert "| Lite-CFG ρ_u=0.5 |" in md
+    assert "At equal training cost" in md and "| digits_dcdit@token | 2 | " in md  # both seeds, equal_cost
     assert " ± " in md  # mean and spread over the two seeds
     kept = json.loads((out / "kept_fraction_vs_t.json").read_text())
     assert list(kept) == ["digits_dcdit"] and kept["digits_dcdit"]["seeds"] == 2  # DC-DiT only, both seeds
@@ -245,3 +246,36 @@ def test_pareto_front_keeps_only_the_rows_nothing_cheaper_beats():
     assert pareto_front(costs, fids) == [4, 2, 1, 0, 5]
     assert pareto_front([1.0, 1.0], [3.0, 2.0]) == [1]  # the same cost: only the better one
     assert pareto_front([2.0, 1.0], [3.0, 3.0]) == [1]  # the same score: only the cheaper one
+
+
+def test_equal_cost_reads_the_dc_dit_at_the_baselines_training_flops_and_time():
+    """Hand-made curves: the DC-DiT spends 2 GFLOPs and 1 s per step, the DiT 1 GFLOP and 0.25 s;
+    the DC-DiT's FID falls 300 -> 200 -> 100 at steps 500, 1000, 1500."""
+    from dcgen.compare import equal_cost, equal_cost_summary
+
+    def runs(points, gflops, seconds, steps=1500):
+        grid = list(range(0, steps + 1, 100))
+        return {"points": [{"step": k, "evals": [{"tail_drop": 0.0, "cfg_scale": 3.0, "sample_steps": 50, "fid": q}]}
+                           for k, q in points]}, \
+            {"steps": grid, "train_gflops": [gflops * k for k in grid], "seconds": [seconds * k for k in grid]}
+
+    dc, dc_cost = runs([(500, 300.0), (1000, 200.0), (1500, 100.0)], 2.0, 1.0)
+    dit, dit_cost = runs([(1500, 150.0)], 1.0, 0.25)
+    results = {"E": {"seeds": {"0": dc}, "training": {"0": dc_cost}},
+               "E@token": {"seeds": {"0": dit}, "training": {"0": dit_cost}}}
+    (row,) = equal_cost(results)
+    assert row["dit"] == [150.0] and row["dit_step"] == [1500]
+    # 1500 DiT GFLOPs = DC-DiT step 750: halfway between 300 and 200
+    assert row["flops"][0]["step"] == pytest.approx(750) and row["flops"][0]["quality"] == pytest.approx(250)
+    # 375 DiT seconds = DC-DiT step 375: before its first point, no value
+    assert row["time"][0]["quality"] is None and "before its first point" in row["time"][0]["note"]
+    # side-by-side s/step instead of the run clocks: 1500 * 0.8 / 1.0 = step 1200 -> 160
+    (row,) = equal_cost(results, {"E": 1.0, "E@token": 0.8})
+    assert row["time"][0]["step"] == pytest.approx(1200) and row["time"][0]["quality"] == pytest.approx(160)
+    # a DiT that costs more than the DC-DiT's whole run: the DC-DiT's last point, said so
+    results["E@flops"] = {"seeds": {"0": runs([(1500, 150.0)], 3.0, 0.25)[0]},
+                          "training": {"0": runs([(1500, 150.0)], 3.0, 0.25)[1]}}
+    flops_row = equal_cost(results)[1]
+    assert flops_row["flops"][0] == {"step": 1500, "quality": 100.0, "note": "whole run"}
+    md = equal_cost_summary(results)
+    assert "| E@token | 1 | 150.00 (1500) | 250.00 (step 750) | before its first point (step 500) |" in md

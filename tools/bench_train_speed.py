@@ -5,7 +5,9 @@ run of one seed of a comparison (OUT/E/seedS/run), resumes each copy for --steps
 this process with the same thread count, round-robin over --rounds rounds (E1, E2, ..., E1, E2,
 ...), so that every model sees the same machine; the DC-DiTs run at their trained kept fraction.
 It reports, per experiment, the median over rounds of the seconds per step (the training loop's
-own samples/s records, first window of each round dropped) and the ratio to the first experiment.
+own samples/s records, first window of each round dropped) and the ratio to the first experiment;
+with OUT/compare.json (the last `dcgen compare` call's report), also each DC-DiT's quality at the
+wall-clock its DiT baselines spent, on these s/step (dcgen.compare.equal_cost).
 The copies are deleted; the comparison's runs are not touched.
 
     python tools/bench_train_speed.py --out runs/evidence/glyphs_n4 --seed 0 [--steps 40 --rounds 3]
@@ -62,6 +64,14 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|")
     for e in times:
         print(f"| {e} | {med[e]:.3f} | {', '.join(f'{v:.3f}' for v in times[e])} | {result['ratio'][e]:.2f}x |")
+    summary = Path(args.out) / "compare.json"
+    if summary.is_file():  # the DC-DiTs' quality at each DiT's wall-clock, on these s/step
+        from dcgen.compare import equal_cost, equal_cost_summary
+        results = json.loads(summary.read_text())["results"]
+        results = {e: {**r, "seeds": {s: v for s, v in r["seeds"].items() if s == str(args.seed)}}
+                   for e, r in results.items() if e in med}
+        result["equal_cost"] = equal_cost(results, med)
+        print(equal_cost_summary(results, med))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
