@@ -562,7 +562,7 @@ def plots(results: dict, out: Path):
         f.tight_layout()
         f.savefig(out / name, dpi=120)
         plt.close(f)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     for name in results:
         main = _main_row(results, name)
         m = merged(results, name)
@@ -575,7 +575,7 @@ def plots(results: dict, out: Path):
         front = pareto_front(xs, ys)
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color=colour, alpha=0.7)
     ax.set(xlabel="sampling TFLOPs per image (all steps and branches)", ylabel=qk,
-           title="quality against inference compute (last point; lines: each model's Pareto front)")
+           title="quality against inference compute (last point)\nlines: each model's Pareto front")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "quality_vs_inference_tflops.png", dpi=120)
