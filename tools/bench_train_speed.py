@@ -7,7 +7,8 @@ this process with the same thread count, round-robin over --rounds rounds (E1, E
 It reports, per experiment, the median over rounds of the seconds per step (the training loop's
 own samples/s records, first window of each round dropped) and the ratio to the first experiment;
 with OUT/compare.json (the last `dcgen compare` call's report), also each DC-DiT's quality at the
-wall-clock its DiT baselines spent, on these s/step (dcgen.compare.equal_cost).
+wall-clock its DiT baselines spent, on these s/step, for every seed of the report
+(dcgen.compare.equal_cost).
 The copies are deleted; the comparison's runs are not touched.
 
     python tools/bench_train_speed.py --out runs/evidence/glyphs_n4 --seed 0 [--steps 40 --rounds 3]
@@ -65,11 +66,10 @@ def main(argv=None) -> dict:
     for e in times:
         print(f"| {e} | {med[e]:.3f} | {', '.join(f'{v:.3f}' for v in times[e])} | {result['ratio'][e]:.2f}x |")
     summary = Path(args.out) / "compare.json"
-    if summary.is_file():  # the DC-DiTs' quality at each DiT's wall-clock, on these s/step
+    if summary.is_file():  # the DC-DiTs' quality at each DiT's wall-clock, on these s/step (a
+        # property of the model, not of the seed: every seed of the report is read with them)
         from dcgen.compare import equal_cost, equal_cost_summary
-        results = json.loads(summary.read_text())["results"]
-        results = {e: {**r, "seeds": {s: v for s, v in r["seeds"].items() if s == str(args.seed)}}
-                   for e, r in results.items() if e in med}
+        results = {e: r for e, r in json.loads(summary.read_text())["results"].items() if e in med}
         result["equal_cost"] = equal_cost(results, med)
         print(equal_cost_summary(results, med))
     if args.json:
