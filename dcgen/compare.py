@@ -736,7 +736,8 @@ def equal_cost(results: dict, seconds_per_step: dict | None = None) -> list[dict
                     k = float(np.interp(_at(dit_cost, k_dit, "seconds"), dc_cost["seconds"], dc_cost["steps"],
                                         right=math.inf))
                 if k < steps[0]:
-                    row[what].append({"step": k, "quality": None, "note": f"before its first point (step {steps[0]})"})
+                    row[what].append({"step": k, "quality": None, "first": (steps[0], qs[0]),
+                                      "note": f"before its first point (step {steps[0]})"})
                 elif k > steps[-1]:
                     row[what].append({"step": steps[-1], "quality": qs[-1], "note": "whole run"})
                 else:
@@ -754,8 +755,10 @@ def equal_cost_summary(results: dict, seconds_per_step: dict | None = None) -> s
     clock = "s/step measured side by side" if seconds_per_step else "the runs' own clocks"
 
     def cell(entries):
-        if any(x["quality"] is None for x in entries):
-            return next(x["note"] for x in entries if x["quality"] is None)
+        if any(x["quality"] is None for x in entries):  # the first point, which cost more: a bound
+            first = [x["first"] for x in entries if x["quality"] is None]
+            return (f"before its first point (step {first[0][0]}, which costs more: "
+                    f"{_fmt([q for _, q in first], 2)})")
         notes = {x["note"] for x in entries if x["note"]}
         return (f"{_fmt([x['quality'] for x in entries], 2)} (step {np.mean([x['step'] for x in entries]):.0f}"
                 + (f"; {', '.join(sorted(notes))}" if notes else "") + ")")

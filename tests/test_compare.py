@@ -278,4 +278,4 @@ def test_equal_cost_reads_the_dc_dit_at_the_baselines_training_flops_and_time():
     flops_row = equal_cost(results)[1]
     assert flops_row["flops"][0] == {"step": 1500, "quality": 100.0, "note": "whole run"}
     md = equal_cost_summary(results)
-    assert "| E@token | 1 | 150.00 (1500) | 250.00 (step 750) | before its first point (step 500) |" in md
+    assert "| E@token | 1 | 150.00 (1500) | 250.00 (step 750) | before its first point (step 500, which costs more: 300.00) |" in md
