@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import load_run
+from .io import load_checkpoint_ema, load_run
 from .run import Run
 
 
@@ -153,12 +153,9 @@ def label_information_report(task, out, schedule: str = "linear", queries: int =
 def load_ema(run_dir, step: int | None = None):
     """(model, objective, task) of a run, with the EMA weights of checkpoint `step` (None: the
     export's)."""
-    from safetensors.torch import load_file
-    run = Run(run_dir)
     model, objective, task, _ = load_run(run_dir, "cpu")
-    if step is not None:
-        from .repa import strip_projector  # a REPA run's checkpoint also holds the projector
-        model.load_state_dict(strip_projector(load_file(run.checkpoint_dir(step) / "ema.safetensors")))
+    if step is not None and not load_checkpoint_ema(model, run_dir, step):
+        raise FileNotFoundError(f"{Run(run_dir).checkpoint_dir(step)}: no such checkpoint kept")
     return model.eval(), objective, task
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .io import load_run
+from .io import load_checkpoint_ema, load_run
 from .run import Run
 
 
@@ -292,13 +292,7 @@ def weights_at(model, run_dir: Path, at, k: int):
     trained it past k; None when it keeps none (only rows already scored can be reported)."""
     if at is None or int(at) == k:
         return model
-    ckpt = Run(run_dir).checkpoint_dir(k) / "ema.safetensors"
-    if not ckpt.is_file():
-        return None
-    from safetensors.torch import load_file
-    from .repa import strip_projector  # a REPA run's checkpoint also holds the projector
-    model.load_state_dict(strip_projector(load_file(ckpt)))
-    return model
+    return model if load_checkpoint_ema(model, run_dir, k) else None
 
 
 def boundary_maps(run_dir: Path, cfg: DictConfig, seed: int, out: Path) -> None:
@@ -726,22 +720,20 @@ def equal_cost(results: dict, seconds_per_step: dict | None = None) -> list[dict
             row["dit_step"].append(k_dit)
             row["dit"].append(q_dit)
             steps, qs = [k for k, _ in dc_pts], [q for _, q in dc_pts]
-            for what in ("flops", "time"):
-                if what == "flops":
-                    k = float(np.interp(_at(dit_cost, k_dit, "train_gflops"), dc_cost["train_gflops"], dc_cost["steps"],
-                                        right=math.inf))
-                elif seconds_per_step:
-                    k = k_dit * seconds_per_step[name] / seconds_per_step[base]
-                else:
-                    k = float(np.interp(_at(dit_cost, k_dit, "seconds"), dc_cost["seconds"], dc_cost["steps"],
-                                        right=math.inf))
+
+            def dc_step(what):  # the DC-DiT step whose cumulative cost equals the DiT's at k_dit
+                return float(np.interp(_at(dit_cost, k_dit, what), dc_cost[what], dc_cost["steps"], right=math.inf))
+
+            def dc_at(k):
                 if k < steps[0]:
-                    row[what].append({"step": k, "quality": None, "first": (steps[0], qs[0]),
-                                      "note": f"before its first point (step {steps[0]})"})
-                elif k > steps[-1]:
-                    row[what].append({"step": steps[-1], "quality": qs[-1], "note": "whole run"})
-                else:
-                    row[what].append({"step": k, "quality": float(np.interp(k, steps, qs)), "note": None})
+                    return {"step": k, "quality": None, "first": (steps[0], qs[0]),
+                            "note": f"before its first point (step {steps[0]})"}
+                if k > steps[-1]:
+                    return {"step": steps[-1], "quality": qs[-1], "note": "whole run"}
+                return {"step": k, "quality": float(np.interp(k, steps, qs)), "note": None}
+            row["flops"].append(dc_at(dc_step("train_gflops")))
+            row["time"].append(dc_at(k_dit * seconds_per_step[name] / seconds_per_step[base] if seconds_per_step
+                                     else dc_step("seconds")))
         if row["seeds"]:
             out.append(row)
     return out

@@ -326,6 +326,18 @@ def load_run(run_dir, device) -> tuple:
     return model, objective, task, ecfg
 
 
+def load_checkpoint_ema(model: nn.Module, run_dir, step: int) -> bool:
+    """Load the EMA weights of the run's kept step-`step` checkpoint into `model` (a REPA run's
+    projector left out); False when that checkpoint is not kept."""
+    from safetensors.torch import load_file
+    from .repa import strip_projector  # a REPA run's checkpoint also holds the projector
+    f = Run(run_dir).checkpoint_dir(step) / "ema.safetensors"
+    if not f.is_file():
+        return False
+    model.load_state_dict(strip_projector(load_file(f)))
+    return True
+
+
 def push_to_hub(export_dir, repo_id: str, private: bool = False, token=None) -> str:
     """Upload an export directory (config.json, model.safetensors, dcgen.json) to the Hub."""
     from huggingface_hub import HfApi
