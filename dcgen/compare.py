@@ -23,6 +23,9 @@ and for DC-DiT runs boundary maps and kept-fraction-vs-t under OUT/E/seedS/maps.
 dcgen/matching.py builds by those rules, trained as experiments `E@token`, `E@params`, `E@flops`;
 before training, the command prints every experiment's parameters, forward GFLOPs (both
 conventions) and matching rule, and writes them to compare.json ("models") and compare.md.
+`report=true merge=[DIR,...]` adds the seeds that earlier reports (their compare.json) hold, so
+that seeds trained at different times, in different out folders, make one table and one set of
+plots.
 The keys are declared in dcgen/schema.py (CompareConfig); `dcgen compare --help` lists them.
 """
 from __future__ import annotations
@@ -579,24 +582,36 @@ def plots(results: dict, out: Path):
 PAPER_KEPT_VS_T = ([1.0, 0.75, 0.5, 0.25, 0.0], [0.223, 0.244, 0.302, 0.371, 0.451])  # [P2] Fig. 3, noisy -> clean
 
 
-def kept_vs_t(results: dict, runs: Path, out: Path) -> Path | None:
+def kept_vs_t(results: dict, runs: Path, out: Path, merged: list[Path] = (),
+              local: dict | None = None) -> Path | None:
     """Kept fraction against the noise level t/999 for every experiment with boundary maps
     (OUT/E/seedS/maps/stats.json, the last point's `dcgen sample`), mean over seeds, beside the
-    paper's five points ([P2] Fig. 3, evenly spaced from noisy to clean as read off the figure)."""
+    paper's five points ([P2] Fig. 3, evenly spaced from noisy to clean as read off the figure).
+    The curves of `merged` reports (their kept_fraction_vs_t.json) join the mean, weighted by
+    their number of seeds, where they were measured at the same noise levels; `local` then names
+    the seeds of each experiment read from `runs` (the others are those reports')."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     curves = {}
     for name, r in results.items():
         rows = []
-        for seed in r["seeds"]:
+        for seed in r["seeds"] if local is None else local.get(name, ()):
             f = runs / name / f"seed{seed}" / "maps" / "stats.json"
             if f.is_file():
                 st = json.loads(f.read_text())
                 rows.append((np.asarray(st["timesteps"], float) / 999.0, np.asarray(st["kept_fraction_mean"], float)))
+        weights = [1] * len(rows)
+        for report in merged:
+            f = _report_file(report).parent / "kept_fraction_vs_t.json"
+            c = json.loads(f.read_text()).get(name) if f.is_file() else None
+            if isinstance(c, dict) and isinstance(c.get("seeds"), int) and c["seeds"] > 0:
+                rows.append((np.asarray(c["t"], float), np.asarray(c["kept_fraction"], float)))
+                weights.append(c["seeds"])
         if rows:
             tau = rows[0][0]
-            curves[name] = (tau, np.mean([k for _, k in rows if len(k) == len(tau)], 0), len(rows))
+            same = [(k, w) for (t, k), w in zip(rows, weights) if t.shape == tau.shape and np.allclose(t, tau)]
+            curves[name] = (tau, np.average([k for k, _ in same], 0, [w for _, w in same]), sum(w for _, w in same))
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -625,12 +640,12 @@ def side_by_side(results: dict, runs: Path, out: Path) -> Path | None:
     from PIL import Image
     panels = []
     for name, r in results.items():
-        seed = next(iter(r["seeds"]))
-        step = r["seeds"][seed]["points"][-1]["step"]
-        e = r["seeds"][seed]["points"][-1]["evals"][0]
-        f = runs / name / f"seed{seed}" / f"step{step:06d}_rho{e['tail_drop']:.2f}_cfg{e['cfg_scale']:g}" / "samples.png"
-        if f.is_file():
-            panels.append((f"{name} (step {step})", Image.open(f)))
+        for seed, v in r["seeds"].items():  # the first seed whose samples are under `runs`
+            step, e = v["points"][-1]["step"], v["points"][-1]["evals"][0]
+            f = runs / name / f"seed{seed}" / f"step{step:06d}_rho{e['tail_drop']:.2f}_cfg{e['cfg_scale']:g}" / "samples.png"
+            if f.is_file():
+                panels.append((f"{name} (seed {seed}, step {step})", Image.open(f)))
+                break
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), squeeze=False)
@@ -817,6 +832,47 @@ def _workers(cfg: DictConfig, pairs: list, argv: list[str]) -> None:
                     raise SystemExit(f"compare: {item[0]} failed ({item[1].returncode})")
 
 
+def _report_file(path: Path) -> Path:
+    return path / "compare.json" if path.is_dir() else path
+
+
+def merge_reports(results: dict, reports: list[Path], experiments: list[str], out: Path) -> dict:
+    """`results` (the seeds scored under `out`) with the seeds of the listed experiments that the
+    earlier reports' compare.json files hold, in `experiments` order, seeds sorted. The files are
+    read as JSON only and checked for the shape the tables read; a seed of an experiment that two
+    sources hold is refused, so that no seed is counted twice or silently replaced."""
+    merged = {e: {"seeds": dict(r["seeds"]), "training": dict(r.get("training") or {})} for e, r in results.items()}
+    source = {(e, s): str(out) for e, r in results.items() for s in r["seeds"]}
+    for path in reports:
+        f = _report_file(path)
+        try:
+            theirs = json.loads(f.read_text())["results"]
+            assert isinstance(theirs, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+            raise SystemExit(f"compare: merge={path}: no compare.json with results ({err.__class__.__name__})")
+        for e, r in theirs.items():
+            if e not in experiments:
+                continue
+            try:
+                seeds = {int(s): v for s, v in r["seeds"].items()}
+                training = {int(s): v for s, v in (r.get("training") or {}).items()}
+                for v in seeds.values():
+                    assert v["points"] and all(isinstance(p["step"], int) and isinstance(p["evals"], list)
+                                               and p["evals"] for p in v["points"])
+            except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
+                raise SystemExit(f"compare: merge={path}: the results of {e} are not those of a compare report")
+            for s in seeds:
+                if (e, s) in source:
+                    raise SystemExit(f"compare: seed {s} of {e} is both in {source[e, s]} and in {f}: "
+                                     "merge only reports of other seeds")
+                source[e, s] = str(f)
+            m = merged.setdefault(e, {"seeds": {}, "training": {}})
+            m["seeds"].update(seeds)
+            m["training"].update({s: training.get(s) for s in seeds})
+    return {e: {"seeds": dict(sorted(merged[e]["seeds"].items())),
+                "training": dict(sorted(merged[e]["training"].items()))} for e in experiments if e in merged}
+
+
 def _drops_tokens(exp: str, extra: list[str]) -> bool:
     from .config import compose
     from .models import model_class
@@ -861,10 +917,14 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
             raise SystemExit(f"compare: no result for {e} seed(s) {missing}")
         if len(missing) < len(done):
             results[e] = {"seeds": {s: json.loads(f.read_text()) for s, f in done.items() if f.is_file()}}
-    if not results:
-        raise SystemExit(f"compare: no results under {out}")
     for e, r in results.items():  # the training cost curves, read from the runs' metrics
         r["training"] = {s: training_cost(out / e / f"seed{s}" / "run") for s in r["seeds"]}
+    local = {e: list(r["seeds"]) for e, r in results.items()}  # the seeds scored under out
+    if cfg.merge:
+        results = merge_reports(results, [Path(p) for p in cfg.merge], experiments, out)
+        seeds = sorted({s for r in results.values() for s in r["seeds"]})
+    if not results:
+        raise SystemExit(f"compare: no results under {out}" + (" nor in merge=" if cfg.merge else ""))
     if cfg.upto_step is not None:
         for r in results.values():
             for seed in r["seeds"].values():
@@ -885,6 +945,6 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     (report / "compare.md").write_text(f"`{summary['command']}`\n\n{sizes_table(sizes)}\n\n{md}\n")
     plots(results, report)
     side_by_side(results, out, report)
-    kept_vs_t(results, out, report)
+    kept_vs_t(results, out, report, [Path(p) for p in cfg.merge], local)
     print(md)
     return report

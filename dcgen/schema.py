@@ -245,6 +245,8 @@ class CompareConfig:
     report: bool = key(False, boolean(), "only merge the results already under out into the table and plots")
     upto_step: Optional[int] = key(None, optional(int_(1)), "with report: only the points up to this step")
     report_to: Optional[str] = key(None, None, "with report: write the table and plots here instead of out")
+    merge: List[str] = key([], list_of(path_str()), "with report: earlier reports (folders holding a compare.json) "
+                           "whose seeds of the listed experiments join those under out; a seed in both is refused")
     train_overrides: List[str] = key([], None, "key=value overrides for every training run, each quoted: "
                                      "train_overrides=['k=v']")
     baselines: List[str] = key([], list_of(choice("token", "params", "flops")),

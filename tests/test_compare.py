@@ -108,6 +108,26 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert "| 4 |" not in md2 and (out / "compare.md").read_text() == md
     for name in plots:
         assert (early / name).stat().st_size > 1000
+    # seeds reported apart and merged: the same tables and the same kept-fraction curve as one report
+    alone = tmp_path / "seed0"
+    assert dcgen("report=true", "experiments=[digits_dcdit]", "baselines=[token]", "seeds=[0]", f"out={out}",
+                 f"report_to={alone}", overrides(tiny)) == 0
+    both = tmp_path / "merged"
+    assert dcgen("report=true", "experiments=[digits_dcdit]", "baselines=[token]", "seeds=[1]", f"out={out}",
+                 f"merge=[{alone}]", f"report_to={both}", overrides(tiny)) == 0
+    body = (both / "compare.md").read_text().split("\n", 1)[1]
+    assert body == md.split("\n", 1)[1] and json.loads((alone / "compare.json").read_text())["seeds"] == [0]
+    assert json.loads((both / "compare.json").read_text())["seeds"] == [0, 1]
+    kept2 = json.loads((both / "kept_fraction_vs_t.json").read_text())["digits_dcdit"]
+    assert kept2["seeds"] == 2 and kept2["kept_fraction"] == pytest.approx(kept["digits_dcdit"]["kept_fraction"])
+    # a seed held twice is refused, and so is a file that is not a report
+    with pytest.raises(SystemExit, match="seed 0 of digits_dcdit is both"):
+        dcgen("report=true", "experiments=[digits_dcdit]", "baselines=[token]", "seeds=[0,1]", f"out={out}",
+              f"merge=[{alone}]", f"report_to={tmp_path / 'twice'}")
+    (tmp_path / "bad.json").write_text(json.dumps({"results": {"digits_dcdit": {"seeds": {"7": {"points": 3}}}}}))
+    with pytest.raises(SystemExit, match="not those of a compare report"):
+        dcgen("report=true", "experiments=[digits_dcdit]", "baselines=[token]", "seeds=[1]", f"out={out}",
+              f"merge=[{tmp_path / 'bad.json'}]", f"report_to={tmp_path / 'bad'}")
 
 
 def test_make_shapes_writes_closed_varied_reproducible_meshes(tmp_path):
@@ -248,7 +268,7 @@ def test_pareto_front_keeps_only_the_rows_nothing_cheaper_beats():
     assert pareto_front([2.0, 1.0], [3.0, 3.0]) == [1]  # the same score: only the cheaper one
 
 
-def test_equal_cost_reads_the_dc_dit_at_the_baselines_training_flops_and_time():
+def test_equal_cost_reads_the_dc_dit_at_the_baselines_training_flops_and_time(tmp_path):
     """Hand-made curves: the DC-DiT spends 2 GFLOPs and 1 s per step, the DiT 1 GFLOP and 0.25 s;
     the DC-DiT's FID falls 300 -> 200 -> 100 at steps 500, 1000, 1500."""
     from dcgen.compare import equal_cost, equal_cost_summary
@@ -279,3 +299,16 @@ def test_equal_cost_reads_the_dc_dit_at_the_baselines_training_flops_and_time():
     assert flops_row["flops"][0] == {"step": 1500, "quality": 100.0, "note": "whole run"}
     md = equal_cost_summary(results)
     assert "| E@token | 1 | 150.00 (1500) | 250.00 (step 750) | before its first point (step 500, which costs more: 300.00) |" in md
+    # the bench tool reads a report (here: a folder holding this compare.json) with s/step saved by
+    # an earlier run of it, without timing anything
+    import json
+    bench = load_tool("bench_train_speed")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "compare.json").write_text(json.dumps({"results": results}))
+    speeds = tmp_path / "speeds.json"
+    speeds.write_text(json.dumps({"out": str(tmp_path / "gone"), "median": {"E": 1.0, "E@token": 0.8, "X": 9.0}}))
+    got = bench.main(["--speeds", str(speeds), "--report", str(report), "--json", str(tmp_path / "again.json")])
+    assert got["equal_cost"] == equal_cost({e: results[e] for e in ("E", "E@token")}, {"E": 1.0, "E@token": 0.8})
+    assert got["equal_cost"][0]["time"][0]["quality"] == pytest.approx(160)
+    assert json.loads((tmp_path / "again.json").read_text())["equal_cost"] == got["equal_cost"]

@@ -33,6 +33,8 @@ HASHES = {
     # its own (seed, position) generator instead of one generator for the whole global batch):
     # a change of random numbers, not of computation.
     "c13b7c83dfbc6db8": {"sdpa": "b08d8054723b02d1", "auto": "0cb7b267acaeed55"},
+    # AMD EPYC (2 cores), torch 2.14.1: recorded from bef3583, whose Intel hashes above held.
+    "e0428f89881b3e82": {"sdpa": "a2b99cdcf789a826", "auto": "23a3d435e11bfb90"},
 }
 # Before the per-rank noise, on the machine of 937cdbe (its fingerprint unrecorded):
 # sdpa 1b71e681e55bc53f, auto 3e9027996f6a46d9.

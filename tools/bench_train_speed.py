@@ -9,9 +9,12 @@ own samples/s records, first window of each round dropped) and the ratio to the 
 with OUT/compare.json (the last `dcgen compare` call's report), also each DC-DiT's quality at the
 wall-clock its DiT baselines spent, on these s/step, for every seed of the report
 (dcgen.compare.equal_cost).
-The copies are deleted; the comparison's runs are not touched.
+The copies are deleted; the comparison's runs are not touched. `--speeds` reads the s/step of an
+earlier run's --json instead of timing, and `--report` names the report to read them against
+(a folder holding a compare.json, e.g. one merged from several seeds' folders).
 
     python tools/bench_train_speed.py --out runs/evidence/glyphs_n4 --seed 0 [--steps 40 --rounds 3]
+    python tools/bench_train_speed.py --speeds n16_seed0.json --report docs/results/compare/glyphs_n16
 
 A pure driver: training is `dcgen train`'s loop (dcgen.compare.resume_copy), the timing its
 metrics records (dcgen.compare.seconds_per_step).
@@ -30,7 +33,9 @@ from pathlib import Path
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="a dcgen compare output folder (OUT of out=OUT)")
+    ap.add_argument("--out", help="a dcgen compare output folder (OUT of out=OUT)")
+    ap.add_argument("--speeds", help="an earlier --json: its s/step, no timing")
+    ap.add_argument("--report", help="the report read with the s/step (default: OUT)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--experiments", nargs="*", help="default: every experiment with a trained run of --seed")
     ap.add_argument("--steps", type=int, default=40, help="training steps per round per experiment")
@@ -39,6 +44,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--json", help="write the result here as JSON")
     args = ap.parse_args(argv)
+    if args.speeds:
+        earlier = json.loads(Path(args.speeds).read_text())
+        med = {str(e): float(v) for e, v in earlier["median"].items()}
+        return report_equal_cost(Path(args.report or earlier["out"]), med, dict(earlier), args.json)
+    if not args.out:
+        ap.error("--out is required (or --speeds)")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from dcgen.compare import copy_run, resume_copy, seconds_per_step, trained_runs
 
@@ -65,15 +76,20 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|")
     for e in times:
         print(f"| {e} | {med[e]:.3f} | {', '.join(f'{v:.3f}' for v in times[e])} | {result['ratio'][e]:.2f}x |")
-    summary = Path(args.out) / "compare.json"
-    if summary.is_file():  # the DC-DiTs' quality at each DiT's wall-clock, on these s/step (a
-        # property of the model, not of the seed: every seed of the report is read with them)
+    return report_equal_cost(Path(args.report or args.out), med, result, args.json)
+
+
+def report_equal_cost(report: Path, med: dict, result: dict, json_path: str | None) -> dict:
+    """With REPORT/compare.json: the DC-DiTs' quality at each DiT's wall-clock on the s/step `med`
+    (a property of the model, not of the seed: every seed of the report is read with them)."""
+    summary = report / "compare.json" if report.is_dir() else report
+    if summary.is_file():
         from dcgen.compare import equal_cost, equal_cost_summary
         results = {e: r for e, r in json.loads(summary.read_text())["results"].items() if e in med}
         result["equal_cost"] = equal_cost(results, med)
         print(equal_cost_summary(results, med))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
     return result
 
 
