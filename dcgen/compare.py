@@ -593,6 +593,11 @@ def kept_vs_t(results: dict, runs: Path, out: Path, merged: list[Path] = (),
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    merged_curves = []  # each merged report's curves, read once
+    for report in merged:
+        f = report_file(report).parent / "kept_fraction_vs_t.json"
+        if f.is_file():
+            merged_curves.append(json.loads(f.read_text()))
     curves = {}
     for name, r in results.items():
         rows = []
@@ -602,9 +607,8 @@ def kept_vs_t(results: dict, runs: Path, out: Path, merged: list[Path] = (),
                 st = json.loads(f.read_text())
                 rows.append((np.asarray(st["timesteps"], float) / 999.0, np.asarray(st["kept_fraction_mean"], float)))
         weights = [1] * len(rows)
-        for report in merged:
-            f = _report_file(report).parent / "kept_fraction_vs_t.json"
-            c = json.loads(f.read_text()).get(name) if f.is_file() else None
+        for theirs in merged_curves:
+            c = theirs.get(name) if isinstance(theirs, dict) else None
             if isinstance(c, dict) and isinstance(c.get("seeds"), int) and c["seeds"] > 0:
                 rows.append((np.asarray(c["t"], float), np.asarray(c["kept_fraction"], float)))
                 weights.append(c["seeds"])
@@ -832,7 +836,8 @@ def _workers(cfg: DictConfig, pairs: list, argv: list[str]) -> None:
                     raise SystemExit(f"compare: {item[0]} failed ({item[1].returncode})")
 
 
-def _report_file(path: Path) -> Path:
+def report_file(path: Path) -> Path:
+    """A report's compare.json: `path` itself, or the file of that name in the folder `path`."""
     return path / "compare.json" if path.is_dir() else path
 
 
@@ -844,7 +849,7 @@ def merge_reports(results: dict, reports: list[Path], experiments: list[str], ou
     merged = {e: {"seeds": dict(r["seeds"]), "training": dict(r.get("training") or {})} for e, r in results.items()}
     source = {(e, s): str(out) for e, r in results.items() for s in r["seeds"]}
     for path in reports:
-        f = _report_file(path)
+        f = report_file(path)
         try:
             theirs = json.loads(f.read_text())["results"]
             assert isinstance(theirs, dict)
@@ -920,8 +925,9 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     for e, r in results.items():  # the training cost curves, read from the runs' metrics
         r["training"] = {s: training_cost(out / e / f"seed{s}" / "run") for s in r["seeds"]}
     local = {e: list(r["seeds"]) for e, r in results.items()}  # the seeds scored under out
-    if cfg.merge:
-        results = merge_reports(results, [Path(p) for p in cfg.merge], experiments, out)
+    merged = [Path(p) for p in cfg.merge]
+    if merged:
+        results = merge_reports(results, merged, experiments, out)
         seeds = sorted({s for r in results.values() for s in r["seeds"]})
     if not results:
         raise SystemExit(f"compare: no results under {out}" + (" nor in merge=" if cfg.merge else ""))
@@ -945,6 +951,6 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     (report / "compare.md").write_text(f"`{summary['command']}`\n\n{sizes_table(sizes)}\n\n{md}\n")
     plots(results, report)
     side_by_side(results, out, report)
-    kept_vs_t(results, out, report, [Path(p) for p in cfg.merge], local)
+    kept_vs_t(results, out, report, merged, local)
     print(md)
     return report

@@ -312,3 +312,26 @@ def test_equal_cost_reads_the_dc_dit_at_the_baselines_training_flops_and_time(tm
     assert got["equal_cost"] == equal_cost({e: results[e] for e in ("E", "E@token")}, {"E": 1.0, "E@token": 0.8})
     assert got["equal_cost"][0]["time"][0]["quality"] == pytest.approx(160)
     assert json.loads((tmp_path / "again.json").read_text())["equal_cost"] == got["equal_cost"]
+    # saved s/step that name no comparison folder need --report: said so, nothing read
+    speeds.write_text(json.dumps({"out": None, "median": {"E": 1.0}}))
+    with pytest.raises(SystemExit):
+        bench.main(["--speeds", str(speeds)])
+
+
+def test_kept_vs_t_weights_a_merged_report_by_its_seeds(tmp_path):
+    """One seed's maps under the runs (kept 0.2 everywhere) and a merged report whose curve is the
+    mean of 3 seeds (kept 0.6): the mean counts 4 seeds, 0.2 once and 0.6 three times."""
+    from dcgen.compare import kept_vs_t
+    t = [999, 500, 0]
+    maps = tmp_path / "runs" / "E" / "seed5" / "maps"
+    maps.mkdir(parents=True)
+    (maps / "stats.json").write_text(json.dumps({"timesteps": t, "kept_fraction_mean": [0.2, 0.2, 0.2]}))
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "compare.json").write_text("{}")
+    (earlier / "kept_fraction_vs_t.json").write_text(json.dumps(
+        {"E": {"t": [x / 999 for x in t], "kept_fraction": [0.6, 0.6, 0.6], "seeds": 3}}))
+    results = {"E": {"seeds": {0: {}, 1: {}, 2: {}, 5: {}}}}
+    assert kept_vs_t(results, tmp_path / "runs", tmp_path, [earlier], {"E": [5]}) is not None
+    kept = json.loads((tmp_path / "kept_fraction_vs_t.json").read_text())["E"]
+    assert kept["seeds"] == 4 and kept["kept_fraction"] == pytest.approx([0.5, 0.5, 0.5])

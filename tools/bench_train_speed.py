@@ -47,6 +47,8 @@ def main(argv=None) -> dict:
     if args.speeds:
         earlier = json.loads(Path(args.speeds).read_text())
         med = {str(e): float(v) for e, v in earlier["median"].items()}
+        if not (args.report or earlier.get("out")):
+            ap.error(f"--report is required: {args.speeds} names no comparison folder")
         return report_equal_cost(Path(args.report or earlier["out"]), med, dict(earlier), args.json)
     if not args.out:
         ap.error("--out is required (or --speeds)")
@@ -82,9 +84,9 @@ def main(argv=None) -> dict:
 def report_equal_cost(report: Path, med: dict, result: dict, json_path: str | None) -> dict:
     """With REPORT/compare.json: the DC-DiTs' quality at each DiT's wall-clock on the s/step `med`
     (a property of the model, not of the seed: every seed of the report is read with them)."""
-    summary = report / "compare.json" if report.is_dir() else report
+    from dcgen.compare import equal_cost, equal_cost_summary, report_file
+    summary = report_file(report)
     if summary.is_file():
-        from dcgen.compare import equal_cost, equal_cost_summary
         results = {e: r for e, r in json.loads(summary.read_text())["results"].items() if e in med}
         result["equal_cost"] = equal_cost(results, med)
         print(equal_cost_summary(results, med))
