@@ -25,7 +25,10 @@ before training, the command prints every experiment's parameters, forward GFLOP
 conventions) and matching rule, and writes them to compare.json ("models") and compare.md.
 `report=true merge=[DIR,...]` adds the seeds that earlier reports (their compare.json) hold, so
 that seeds trained at different times, in different out folders, make one table and one set of
-plots.
+plots. `only=[E@flops,...]` trains and scores only those experiments of the comparison (for
+every seed: a seed added to one baseline without training the others again) and reports every
+result under out; `only=[E@upcycle]` first trains (or resumes) that seed's E@token to `steps`,
+unscored, as its teacher.
 The keys are declared in dcgen/schema.py (CompareConfig); `dcgen compare --help` lists them.
 """
 from __future__ import annotations
@@ -903,9 +906,21 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     if cfg.upcycle:  # after every baseline: each starts from its seed's trained E@token
         experiments += [f"{e}{BASELINE_SEP}token" for e in chunking if "token" not in cfg.baselines]
         experiments += [f"{e}{BASELINE_SEP}{UPCYCLE}" for e in chunking]
+    only = [str(e) for e in cfg.only]
+    if only and cfg.report:
+        raise SystemExit("compare: only= trains; a report (report=true) reads every result under out")
+    if [e for e in only if e not in experiments]:
+        raise SystemExit(f"compare: only={[e for e in only if e not in experiments]} is not among this "
+                         f"comparison's experiments {experiments}")
     sizes = model_sizes(experiments, list(cfg.train_overrides))
     print(sizes_table(sizes), flush=True)
-    pairs = [] if cfg.report else [(e, s) for e in experiments for s in seeds]
+    pairs = [] if cfg.report else [(e, s) for e in (only or experiments) for s in seeds]
+    for e, s in pairs:  # only=[E@upcycle]: its teacher trained (or resumed) to the same steps, unscored
+        teacher = e[:-len(UPCYCLE_SUFFIX)] + BASELINE_SEP + "token"
+        if only and e.endswith(UPCYCLE_SUFFIX) and teacher not in only:
+            print(f"compare: {teacher} seed {s} to step {cfg.steps}, the teacher of {e} (not scored)", flush=True)
+            train_to(teacher, out / teacher / f"seed{s}" / "run", int(cfg.steps), s, int(cfg.threads),
+                     list(cfg.train_overrides), out)
     # upcycled runs start from a finished baseline of the same seed: they run after the others
     for phase in ([p for p in pairs if not p[0].endswith(UPCYCLE_SUFFIX)],
                   [p for p in pairs if p[0].endswith(UPCYCLE_SUFFIX)]):
@@ -918,7 +933,7 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     for e in experiments:
         done = {s: out / e / f"seed{s}" / "result.json" for s in seeds}
         missing = [s for s, f in done.items() if not f.is_file()]
-        if missing and not cfg.report:
+        if missing and not cfg.report and (not only or e in only):
             raise SystemExit(f"compare: no result for {e} seed(s) {missing}")
         if len(missing) < len(done):
             results[e] = {"seeds": {s: json.loads(f.read_text()) for s, f in done.items() if f.is_file()}}

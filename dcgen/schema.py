@@ -254,6 +254,9 @@ class CompareConfig:
                                "token-, parameter- or FLOP-matched; each trains as EXPERIMENT@RULE")
     upcycle: bool = key(False, boolean(), "also train every DC-DiT experiment upcycled from its trained "
                         "token-matched DiT (EXPERIMENT@upcycle; adds EXPERIMENT@token)")
+    only: List[str] = key([], list_of(path_str()), "train and score only these of the comparison's experiments "
+                          "(names as in the table: E, E@RULE, E@upcycle), for every seed, and report every result "
+                          "under out; an upcycled run whose E@token is not trained yet trains it first, unscored")
     worker: Optional[str] = key(None, None, "internal: EXPERIMENT:SEED, one pair in this process")
 
 

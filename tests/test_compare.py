@@ -335,3 +335,40 @@ def test_kept_vs_t_weights_a_merged_report_by_its_seeds(tmp_path):
     assert kept_vs_t(results, tmp_path / "runs", tmp_path, [earlier], {"E": [5]}) is not None
     kept = json.loads((tmp_path / "kept_fraction_vs_t.json").read_text())["E"]
     assert kept["seeds"] == 4 and kept["kept_fraction"] == pytest.approx([0.5, 0.5, 0.5])
+
+
+def test_only_trains_the_named_experiments_and_an_upcycled_runs_teacher_unscored(tmp_path):
+    """only=[E@upcycle]: the token-matched teacher of that seed is trained to the same steps but not
+    scored (no rows, no result), the DC-DiT and its other baselines are not trained; a later
+    only=[E@token] scores the teacher from its finished run; a name outside the comparison is refused."""
+    from omegaconf import OmegaConf
+    from dcgen.metrics import save_random_inception_weights
+    from dcgen.run import Run
+    weights = save_random_inception_weights(tmp_path / "inception.pt")
+    out = tmp_path / "cmp"
+    tiny = ["model.hidden_size=64", "model.depth=1", "model.num_heads=2", "train.global_batch_size=4",
+            "train.log_every=1", "train.ckpt_every=2", "train.log_with=none"]
+
+    def call(*only, rc=0):
+        assert dcgen("experiments=[digits_dcdit]", "baselines=[params]", "upcycle=true", f"out={out}", "steps=2",
+                     "eval_every=2", "sample.num_samples=4", "sample.steps=2", "tail_drops=[0]",
+                     f"inception={weights}", "reference_limit=8", "sample.batch_size=4", "seeds=[1]",
+                     "map_samples=0", f"only=[{','.join(only)}]", overrides(tiny)) == rc
+        return json.loads((out / "compare.json").read_text())["results"] if rc == 0 else None
+
+    results = call("digits_dcdit@upcycle")
+    assert list(results) == ["digits_dcdit@upcycle"] and list(results["digits_dcdit@upcycle"]["seeds"]) == ["1"]
+    teacher = out / "digits_dcdit@token" / "seed1"
+    assert (teacher / "run" / "export").is_dir() and not (teacher / "result.json").exists()
+    assert not list(teacher.glob("step*"))  # not scored
+    assert not (out / "digits_dcdit").exists() and not (out / "digits_dcdit@params").exists()
+    assert [r["step"] for r in Run(teacher / "run").read_metrics()][-1] == 2
+    up = OmegaConf.load(Run(out / "digits_dcdit@upcycle" / "seed1" / "run").config_file)
+    assert up.init.from_dit == str(teacher / "run" / "export")
+    # the teacher scored later from its finished run (nothing trained again): both rows reported
+    stamp = (teacher / "run" / "export").stat().st_mtime_ns
+    results = call("digits_dcdit@token")
+    assert sorted(results) == ["digits_dcdit@token", "digits_dcdit@upcycle"]
+    assert (teacher / "result.json").is_file() and (teacher / "run" / "export").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match=r"only=\['digits_dcdit@flops'\] is not among"):
+        call("digits_dcdit@flops")
