@@ -175,15 +175,20 @@ def uniform_patches(x0: torch.Tensor, token_grid, tol: float = 1e-3) -> torch.Te
 
 
 @torch.no_grad()
-def routing_profile(model, objective, task, timesteps=(0, 50, 200), n: int = 256) -> dict:
+def routing_profile(model, objective, task, timesteps=(0, 50, 200), n: int = 256,
+                    x0: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
     """The router's kept fraction on the first `n` training items noised at each t: overall, on
     tokens over uniform data (background) and over detail (uniform_patches of the clean item),
-    per token-grid column and row, and for a constant (all-background) image."""
-    ds = task.train_dataset()
-    items = [ds[i] for i in range(min(n, len(ds)))]
-    x0 = torch.stack([x for x, _ in items]).float()
-    y0 = torch.as_tensor([int(y) for _, y in items]).long()
-    n = len(items)
+    per token-grid column and row, and for a constant (all-background) image. `x0`, `labels`:
+    other clean items in model space (e.g. the model's own samples) instead of the training items."""
+    if x0 is None:
+        ds = task.train_dataset()
+        items = [ds[i] for i in range(min(n, len(ds)))]
+        x0 = torch.stack([x for x, _ in items]).float()
+        y0 = torch.as_tensor([int(y) for _, y in items]).long()
+    else:
+        x0, y0 = x0.float(), torch.as_tensor(labels).long()
+    n = x0.shape[0]
     gen = torch.Generator().manual_seed(0)
     out = {}
     for t in timesteps:

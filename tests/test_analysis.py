@@ -31,7 +31,9 @@ def test_routing_profile_splits_the_kept_fraction_between_background_and_detail(
     from dcgen.config import compose
     from dcgen.train import build_model
     cfg = compose("train", ["experiment=glyphs_dcdit", "model.hidden_size=64", "model.depth=1",
-                            "model.num_heads=2", "task.resolution=16"])
+                            "model.num_heads=2", "task.resolution=16", "model.norm_groups=4"])
+    # (4 groups: with one channel per GroupNorm group the encoder's additive conditioning is
+    # normalised away, and the router could not see the label)
     task = instantiate(cfg.task, _convert_="all")
     objective = instantiate(cfg.objective, _convert_="all")
     torch.manual_seed(0)
@@ -43,3 +45,14 @@ def test_routing_profile_splits_the_kept_fraction_between_background_and_detail(
         assert 0 < p["background_share"] < 1, t  # glyphs: letters on a uniform ground
         split = p["background_share"] * p["background_kept"] + (1 - p["background_share"]) * p["detail_kept"]
         assert split == pytest.approx(p["kept"], abs=1e-6), t
+    # other items (the model's own samples): routed as given, with their labels; the training items
+    # passed by hand give the default's profile; constant images are all background
+    ds = task.train_dataset()
+    x0 = torch.stack([ds[i][0] for i in range(16)])
+    y0 = torch.as_tensor([int(ds[i][1]) for i in range(16)])
+    assert routing_profile(model, objective, task, timesteps=(0, 500), x0=x0, labels=y0) == prof
+    const = routing_profile(model, objective, task, timesteps=(0,), x0=torch.full((3, *x0.shape[1:]), -1.0),
+                            labels=y0[:3])[0]
+    assert const["background_share"] == 1 and const["detail_kept"] is None
+    other = routing_profile(model, objective, task, timesteps=(0,), x0=x0.flip(-1), labels=y0)[0]
+    assert other["kept"] != prof[0]["kept"]

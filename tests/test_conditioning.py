@@ -46,3 +46,20 @@ def test_label_changes_the_output_after_a_few_steps(tmp_path, model):
     key = "y_embedder.embedding_table.weight"
     moved = (load_file(ck / "model.safetensors")[key] - first[key])[:10].norm(dim=1)
     assert (moved > 0).all(), moved
+
+
+@pytest.mark.parametrize("groups", [16, 4])
+def test_one_channel_per_groupnorm_group_erases_the_conv_blocks_conditioning_and_is_warned(groups, caplog):
+    """A conv block adds t and y per channel before a GroupNorm: with one channel per group the norm
+    subtracts that constant again, and the encoder's output no longer depends on t or y."""
+    from dcgen.models import DCDiT
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="dcgen.models"):
+        m = DCDiT(input_size=(16, 16), in_channels=1, num_classes=10, hidden_size=64, depth=1, num_heads=2,
+                  patch_size=2, norm_groups=groups).eval()  # conv width 64 / 4 = 16
+    assert ("one channel per GroupNorm group" in caplog.text) == (groups == 16)
+    h = m.x_embedder(torch.randn(2, 1, 16, 16))
+    with torch.no_grad():
+        e1 = m.encoder(h, m.conditioning(torch.tensor([10, 10]), torch.tensor([1, 1])), m.token_grid)
+        e2 = m.encoder(h, m.conditioning(torch.tensor([900, 900]), torch.tensor([7, 7])), m.token_grid)
+    assert torch.allclose(e1, e2, atol=1e-5) == (groups == 16)

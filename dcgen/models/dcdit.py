@@ -6,6 +6,8 @@ D_e = encoder/decoder width, M_b kept tokens of sample b, T = sum_b M_b packed t
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +94,11 @@ class DCDiT(ConditionedModel):
         # upcycling: new modules read LN(c) through a trainable adaptor (METHOD §9.1)
         self.cond_adaptor = nn.LayerNorm(D, eps=1e-6) if cond_adaptor else None
 
+        if De == norm_groups and (encoder_depth or decoder_depth):
+            logging.getLogger("dcgen.models").warning(
+                "DCDiT: conv width %d with norm_groups %d, one channel per GroupNorm group: the timestep "
+                "and class that each conv block adds per channel are normalised away by the next GroupNorm, "
+                "so the encoder, router and decoder do not see them; use norm_groups < %d", De, norm_groups, De)
         self.encoder = ConvStack([De] * encoder_depth + [D], D, n, conv_kernel, norm_groups)
         self.residual_proj = nn.Linear(D, D)
         rk = conv_kernel if router_kernel is None else router_kernel
