@@ -54,6 +54,16 @@ UPCYCLE = "upcycle"  # E@upcycle: E's DC-DiT upcycled from E@token
 UPCYCLE_SUFFIX = BASELINE_SEP + UPCYCLE
 
 
+def run_dir_of(out, exp: str, seed: int) -> Path:
+    """The run dir of experiment `exp`, seed `seed`, in the comparison folder `out`."""
+    return Path(out) / exp / f"seed{seed}" / "run"
+
+
+def teacher_of(exp: str) -> str:
+    """The experiment `E@upcycle` starts from: E's token-matched DiT, `E@token`."""
+    return exp.partition(BASELINE_SEP)[0] + BASELINE_SEP + "token"
+
+
 def experiment_overrides(exp: str, extra: list[str], out: Path | None = None, seed: int = 0) -> list[str]:
     """The training overrides of a compared experiment: `experiment=E`; for a baseline `E@RULE`
     the overrides that turn E's DC-DiT into its DiT by RULE; for `E@upcycle` E's DC-DiT started
@@ -62,10 +72,10 @@ def experiment_overrides(exp: str, extra: list[str], out: Path | None = None, se
     if not sep:
         return [f"experiment={exp}", *extra]
     if rule == UPCYCLE:
-        teacher = Run(Path(out) / f"{base}{BASELINE_SEP}token" / f"seed{seed}" / "run").export_dir
+        teacher = Run(run_dir_of(out, teacher_of(exp), seed)).export_dir
         if not teacher.is_dir():
             raise SystemExit(f"compare: {exp} seed {seed} starts from {teacher}, which does not exist yet "
-                             f"(train {base}{BASELINE_SEP}token first; upcycling runs come last with jobs=1)")
+                             f"(train {teacher_of(exp)} first; upcycling runs come last with jobs=1)")
         b = match(base, "token", extra)
         dc_patch = compose_model(base, extra).get("patch_size", 1)
         dc_patch = dc_patch[0] if isinstance(dc_patch, (list, tuple)) else dc_patch
@@ -261,7 +271,7 @@ def trained_runs(out: Path, seed: int, experiments: list[str] | None = None) -> 
     names = experiments or sorted((d.name for d in Path(out).iterdir() if d.is_dir()), key=_experiment_order)
     runs = {}
     for e in names:
-        run = Run(Path(out) / e / f"seed{seed}" / "run")
+        run = Run(run_dir_of(out, e, seed))
         if run.has_config():
             runs[e] = run.root
         elif experiments:
@@ -909,18 +919,16 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     only = [str(e) for e in cfg.only]
     if only and cfg.report:
         raise SystemExit("compare: only= trains; a report (report=true) reads every result under out")
-    if [e for e in only if e not in experiments]:
-        raise SystemExit(f"compare: only={[e for e in only if e not in experiments]} is not among this "
-                         f"comparison's experiments {experiments}")
+    unknown = [e for e in only if e not in experiments]
+    if unknown:
+        raise SystemExit(f"compare: only={unknown} is not among this comparison's experiments {experiments}")
     sizes = model_sizes(experiments, list(cfg.train_overrides))
     print(sizes_table(sizes), flush=True)
     pairs = [] if cfg.report else [(e, s) for e in (only or experiments) for s in seeds]
-    for e, s in pairs:  # only=[E@upcycle]: its teacher trained (or resumed) to the same steps, unscored
-        teacher = e[:-len(UPCYCLE_SUFFIX)] + BASELINE_SEP + "token"
-        if only and e.endswith(UPCYCLE_SUFFIX) and teacher not in only:
-            print(f"compare: {teacher} seed {s} to step {cfg.steps}, the teacher of {e} (not scored)", flush=True)
-            train_to(teacher, out / teacher / f"seed{s}" / "run", int(cfg.steps), s, int(cfg.threads),
-                     list(cfg.train_overrides), out)
+    teachers = [(teacher_of(e), s) for e, s in pairs if only and e.endswith(UPCYCLE_SUFFIX)]
+    for t, s in [p for p in teachers if p[0] not in only]:  # only=[E@upcycle]: trained first, unscored
+        print(f"compare: {t} seed {s} to step {cfg.steps}, an upcycled run's teacher (not scored)", flush=True)
+        train_to(t, run_dir_of(out, t, s), int(cfg.steps), s, int(cfg.threads), list(cfg.train_overrides), out)
     # upcycled runs start from a finished baseline of the same seed: they run after the others
     for phase in ([p for p in pairs if not p[0].endswith(UPCYCLE_SUFFIX)],
                   [p for p in pairs if p[0].endswith(UPCYCLE_SUFFIX)]):
@@ -938,7 +946,7 @@ def compare_command(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         if len(missing) < len(done):
             results[e] = {"seeds": {s: json.loads(f.read_text()) for s, f in done.items() if f.is_file()}}
     for e, r in results.items():  # the training cost curves, read from the runs' metrics
-        r["training"] = {s: training_cost(out / e / f"seed{s}" / "run") for s in r["seeds"]}
+        r["training"] = {s: training_cost(run_dir_of(out, e, s)) for s in r["seeds"]}
     local = {e: list(r["seeds"]) for e, r in results.items()}  # the seeds scored under out
     merged = [Path(p) for p in cfg.merge]
     if merged:

@@ -372,3 +372,6 @@ def test_only_trains_the_named_experiments_and_an_upcycled_runs_teacher_unscored
     assert (teacher / "result.json").is_file() and (teacher / "run" / "export").stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit, match=r"only=\['digits_dcdit@flops'\] is not among"):
         call("digits_dcdit@flops")
+    with pytest.raises(SystemExit, match="only= trains"):  # a report trains nothing
+        dcgen("report=true", "experiments=[digits_dcdit]", "upcycle=true", f"out={out}", "seeds=[1]",
+              "only=[digits_dcdit@upcycle]")
